@@ -1,0 +1,1 @@
+"""Storage backends and image formats of nbdserve, found through entry points."""

@@ -1,0 +1,319 @@
+"""The file backend: regular files and block devices (LVs, loop devices, disks).
+
+Where the bytes are in the page cache, I/O runs inline on the event loop: a thread hop costs about
+100 µs here, while a cached 4 KiB read costs 2 µs. Reads try preadv2(RWF_NOWAIT) first and fall
+back to a worker thread only for what is not cached. Buffered writes (writeback, unsafe) only copy
+into the page cache and run inline too; anything that waits for the disk (O_DIRECT, O_DSYNC,
+fdatasync, fallocate, ioctls) runs in a worker thread.
+"""
+
+import ctypes
+import errno
+import mmap
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from nbdserve.backend import BackendError, Capabilities, CacheMode, Extent, OpenOptions
+from nbdserve.registry import ParseContext
+from nbdserve.settings import Section
+
+from . import linux
+
+# Direct I/O alignment for regular files: the largest logical block size in use.
+_FILE_DIRECT_ALIGNMENT = 4096
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    path: Path
+    create_size: int | None = None  # create a sparse file of this size when it is missing
+
+
+class FileDriver:
+    name = "file"
+
+    def claims(self, spec: str) -> dict | None:
+        if spec.startswith("file:"):
+            return {"driver": "file", "path": spec[len("file:") :]}
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", spec):
+            return None  # a URL or another backend's scheme
+        return {"driver": "file", "path": spec}
+
+    def parse(self, section: Section, context: ParseContext) -> FileConfig:
+        path = Path(section.str("path", required=True))
+        if not path.is_absolute():
+            path = context.base_dir / path
+        return FileConfig(path, section.size("create-size"))
+
+    async def open(self, config: FileConfig, options: OpenOptions) -> "FileBackend":
+        return await trio.to_thread.run_sync(FileBackend.open, config, options)
+
+
+def aligned_buffer(length: int) -> memoryview:
+    """Page-aligned memory, as O_DIRECT needs."""
+    return memoryview(mmap.mmap(-1, max(length, 1)))[:length]
+
+
+class FileBackend:
+    def __init__(self, fd: int, path: Path, options: OpenOptions) -> None:
+        self.fd = fd
+        self.path = path
+        self.options = options
+        st = os.fstat(fd)
+        self.is_device = stat.S_ISBLK(st.st_mode)
+        cache = options.cache
+        self._direct = cache.direct
+        # Buffered writes that only reach the page cache are cheap enough to run inline.
+        self._inline_writes = not cache.direct and not cache.sync_writes
+        self._nowait_reads = not cache.direct
+        if self.is_device:
+            self._size = linux.device_size(fd)
+            self.alignment = linux.logical_block_size(fd)
+            physical = linux.physical_block_size(fd)
+            rotational = linux.is_rotational(fd)
+            discard = linux.device_queue_limit(fd, "discard_max_bytes") > 0
+            fast_zero = linux.device_queue_limit(fd, "write_zeroes_max_bytes") > 0
+        else:
+            self._size = st.st_size
+            self.alignment = _FILE_DIRECT_ALIGNMENT if self._direct else 1
+            physical = 4096
+            rotational = False
+            discard = fast_zero = True
+        writable = not options.read_only
+        self.capabilities = Capabilities(
+            can_write=writable,
+            can_flush=writable,
+            can_fua=writable,
+            can_trim=writable and discard,
+            can_zero=writable,
+            can_fast_zero=writable and fast_zero,
+            can_extents=not self.is_device,
+            can_cache=True,
+            can_multi_conn=True,  # one descriptor shared by every connection
+            is_rotational=rotational,
+            block_size_min=self.alignment if self._direct else 1,
+            block_size_preferred=max(physical, 4096),
+        )
+
+    @classmethod
+    def open(cls, config: FileConfig, options: OpenOptions) -> "FileBackend":
+        flags = os.O_CLOEXEC | (os.O_RDONLY if options.read_only else os.O_RDWR)
+        if options.cache.direct:
+            flags |= os.O_DIRECT
+        if options.cache.sync_writes:
+            flags |= os.O_DSYNC
+        path = config.path
+        if config.create_size is not None and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "xb") as f:
+                f.truncate(config.create_size)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise BackendError(exc.errno or errno.EIO, f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            return cls(fd, path, options)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def get_size(self) -> int:
+        return self._size
+
+    # Reads.
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        if self._direct:
+            await trio.to_thread.run_sync(self._direct_read, buf, offset)
+            return
+        done = self._read_nowait(buf, offset) if self._nowait_reads else 0
+        if done < len(buf):
+            await trio.to_thread.run_sync(self._read_full, buf[done:], offset + done)
+
+    def _read_nowait(self, buf: memoryview, offset: int) -> int:
+        try:
+            return os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            self._nowait_reads = False
+            return 0
+
+    def _read_full(self, buf: memoryview, offset: int) -> None:
+        while len(buf):
+            count = os.preadv(self.fd, [buf], offset)
+            if count == 0:
+                raise BackendError(errno.EIO, f"{self.path} ended at {offset}: was it truncated?")
+            buf = buf[count:]
+            offset += count
+
+    def _direct_read(self, buf: memoryview, offset: int) -> None:
+        if self._range_aligned(offset, len(buf)) and _memory_aligned(buf):
+            self._read_full(buf, offset)
+            return
+        start, bounce = self._bounce_for(offset, len(buf))
+        self._read_full(bounce, start)
+        buf[:] = bounce[offset - start : offset - start + len(buf)]
+
+    # Writes.
+
+    async def pwrite(self, buf, offset: int, *, fua: bool = False) -> None:
+        buf = memoryview(buf)
+        # FUA: RWF_DSYNC makes this one write durable, cheaper than a whole fdatasync.
+        flags = os.RWF_DSYNC if fua else 0
+        if self._direct:
+            await trio.to_thread.run_sync(self._direct_write, buf, offset, flags)
+        elif self._inline_writes and not fua:
+            self._write_full(buf, offset, 0)
+        else:
+            await trio.to_thread.run_sync(self._write_full, buf, offset, flags)
+
+    def _write_full(self, buf: memoryview, offset: int, flags: int) -> None:
+        while len(buf):
+            count = os.pwritev(self.fd, [buf], offset, flags)
+            buf = buf[count:]
+            offset += count
+
+    def _direct_write(self, buf: memoryview, offset: int, flags: int) -> None:
+        if self._range_aligned(offset, len(buf)):
+            if not _memory_aligned(buf):
+                aligned = aligned_buffer(len(buf))
+                aligned[:] = buf
+                buf = aligned
+            self._write_full(buf, offset, flags)
+            return
+        # Read-modify-write of the blocks the request touches. Clients that honour the
+        # advertised minimum block size never get here.
+        start, bounce = self._bounce_for(offset, len(buf))
+        self._read_full(bounce, start)
+        bounce[offset - start : offset - start + len(buf)] = buf
+        self._write_full(bounce, start, flags)
+
+    def _range_aligned(self, offset: int, length: int) -> bool:
+        return not (offset % self.alignment or length % self.alignment)
+
+    def _bounce_for(self, offset: int, length: int) -> tuple[int, memoryview]:
+        align = self.alignment
+        start = offset - offset % align
+        end = -(-(offset + length) // align) * align
+        return start, aligned_buffer(end - start)
+
+    # Everything else waits for the disk, so it runs in a worker thread.
+
+    async def flush(self) -> None:
+        await trio.to_thread.run_sync(os.fdatasync, self.fd)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await trio.to_thread.run_sync(self._trim, offset, length, fua)
+
+    def _trim(self, offset: int, length: int, fua: bool) -> None:
+        if self.is_device:
+            start, end = self._inner_blocks(offset, length)
+            if end > start:
+                linux.discard(self.fd, start, end - start)
+        else:
+            linux.fallocate(self.fd, linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE, offset, length)
+        if fua:
+            os.fdatasync(self.fd)
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False,
+                   fua: bool = False) -> None:
+        await trio.to_thread.run_sync(self._zero, offset, length, may_trim, fast, fua)
+
+    def _zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        if self.is_device:
+            self._zero_device(offset, length, fast)
+        else:
+            self._zero_file(offset, length, may_trim, fast)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def _zero_file(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        keep = linux.FALLOC_FL_KEEP_SIZE
+        modes = [linux.FALLOC_FL_ZERO_RANGE | keep]
+        if may_trim:
+            modes.insert(0, linux.FALLOC_FL_PUNCH_HOLE | keep)
+        for mode in modes:
+            try:
+                linux.fallocate(self.fd, mode, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        if fast:
+            raise BackendError(errno.EOPNOTSUPP, "this file system cannot zero quickly")
+        self._write_zeroes(offset, length)
+
+    def _zero_device(self, offset: int, length: int, fast: bool) -> None:
+        start, end = self._inner_blocks(offset, length)
+        if fast and not self.capabilities.can_fast_zero:
+            raise BackendError(errno.EOPNOTSUPP, "this device cannot zero quickly")
+        # Unaligned edges are written; the aligned middle goes to BLKZEROOUT.
+        if end <= start:
+            self._write_zeroes(offset, length)
+            return
+        self._write_zeroes(offset, start - offset)
+        linux.zero_out(self.fd, start, end - start)
+        self._write_zeroes(end, offset + length - end)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        chunk = aligned_buffer(min(length, 1 << 20)) if length else None
+        while length > 0:
+            count = min(length, len(chunk))
+            if self._direct:
+                self._direct_write(chunk[:count], offset, 0)
+            else:
+                self._write_full(chunk[:count], offset, 0)
+            offset += count
+            length -= count
+
+    def _inner_blocks(self, offset: int, length: int) -> tuple[int, int]:
+        align = self.alignment
+        start = -(-offset // align) * align
+        end = (offset + length) // align * align
+        return start, end
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        # lseek(SEEK_DATA/SEEK_HOLE) reads only metadata that is in memory after the first call.
+        end = min(offset + length, self._size)
+        result = []
+        position = offset
+        while position < end:
+            try:
+                data = os.lseek(self.fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = end  # nothing but hole up to the end of the file
+            if data > position:
+                size = min(data, end) - position
+                result.append(Extent(size, hole=True, zero=True))
+                position += size
+                continue
+            hole = os.lseek(self.fd, position, os.SEEK_HOLE)
+            size = min(hole, end) - position
+            result.append(Extent(size))
+            position += size
+        return result
+
+    async def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    async def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _memory_aligned(buf: memoryview) -> bool:
+    if buf.readonly or not len(buf):
+        return False  # bytes from the wire: no address to check, so copy
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _PAGE == 0

@@ -1,0 +1,267 @@
+"""An export: a backend stack plus its policy (cache mode, read-only, limits).
+
+Every request is checked here before any backend call (command, flags, range, read-only), and
+what the backend lacks is emulated: zeroing as writes of zeroes, FUA as a flush after the write,
+CACHE as a read. Backend errors become NBD errors through one errno table.
+"""
+
+import errno
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import Backend, CacheMode, Extent, OpenOptions
+from .protocol.constants import (
+    MAX_EXTENTS,
+    Command,
+    CommandFlag,
+    Error,
+    StateFlag,
+    TransmissionFlag,
+)
+from .protocol.transmission import Request
+
+log = logging.getLogger(__name__)
+
+_ERRNO_TO_NBD = {
+    errno.EPERM: Error.EPERM,
+    errno.EACCES: Error.EPERM,
+    errno.EROFS: Error.EPERM,
+    errno.EIO: Error.EIO,
+    errno.ENOMEM: Error.ENOMEM,
+    errno.EINVAL: Error.EINVAL,
+    errno.ENOSPC: Error.ENOSPC,
+    errno.EDQUOT: Error.ENOSPC,
+    errno.EFBIG: Error.ENOSPC,
+    errno.EOVERFLOW: Error.EOVERFLOW,
+    errno.EOPNOTSUPP: Error.ENOTSUP,
+    errno.ESHUTDOWN: Error.ESHUTDOWN,
+}
+
+
+def nbd_error(exc: OSError) -> Error:
+    return _ERRNO_TO_NBD.get(exc.errno, Error.EIO)
+
+
+class RequestError(Exception):
+    """A request refused before reaching the backend, with the NBD error to reply."""
+
+    def __init__(self, error: Error, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+# Flags each command accepts besides FUA (which the spec allows on every command).
+_COMMAND_FLAGS = {
+    Command.READ: CommandFlag.DF,
+    Command.WRITE: CommandFlag(0),
+    Command.FLUSH: CommandFlag(0),
+    Command.TRIM: CommandFlag(0),
+    Command.CACHE: CommandFlag(0),
+    Command.WRITE_ZEROES: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+}
+_WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+# Zeroing without native support writes this much per call.
+_ZERO_CHUNK = 1024 * 1024
+_ZEROES = bytes(_ZERO_CHUNK)
+
+
+@dataclass
+class ExportConfig:
+    """A configured export, not yet opened."""
+
+    name: str
+    source_driver: Any
+    source_config: Any
+    format_driver: Any
+    format_config: Any
+    options: OpenOptions = field(default_factory=OpenOptions)
+    description: str = ""
+
+
+class Export:
+    def __init__(self, name: str, description: str, backend: Backend, options: OpenOptions):
+        self.name = name
+        self.description = description
+        self.backend = backend
+        self.options = options
+        # Capabilities are read once: backends must not change them while open.
+        self.capabilities = caps = backend.capabilities
+        self.size = backend.get_size()
+        self.read_only = options.read_only or not caps.can_write
+        self.min_block = caps.block_size_min
+        self.preferred_block = max(caps.block_size_preferred, self.min_block, 512)
+        self.max_payload = max(caps.block_size_max, self.preferred_block)
+        self._honours_flush = options.cache.honours_flush
+
+    def __repr__(self) -> str:
+        return f"<Export {self.name!r} size={self.size}>"
+
+    def transmission_flags(self, *, structured: bool) -> TransmissionFlag:
+        caps = self.capabilities
+        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_CACHE
+        if self.read_only:
+            flags |= TransmissionFlag.READ_ONLY
+        else:
+            flags |= (
+                TransmissionFlag.SEND_FUA
+                | TransmissionFlag.SEND_WRITE_ZEROES
+                | TransmissionFlag.SEND_FAST_ZERO
+            )
+            if caps.can_trim:
+                flags |= TransmissionFlag.SEND_TRIM
+        if structured:
+            flags |= TransmissionFlag.SEND_DF
+        if caps.can_multi_conn:
+            flags |= TransmissionFlag.CAN_MULTI_CONN
+        if caps.is_rotational:
+            flags |= TransmissionFlag.ROTATIONAL
+        return flags
+
+    # Checks.
+
+    def check(self, request: Request, *, structured: bool, has_contexts: bool) -> None:
+        """Raise RequestError unless the backend may be called for this request."""
+        command = request.command
+        try:
+            allowed = _COMMAND_FLAGS[command]
+        except KeyError:
+            raise RequestError(Error.EINVAL, f"unknown command {command}") from None
+        if request.flags & ~(allowed | CommandFlag.FUA):
+            raise RequestError(Error.EINVAL, f"invalid flags {request.flags:#x} for {Command(command).name}")
+        if request.flags & CommandFlag.DF and not structured:
+            raise RequestError(Error.EINVAL, "DF without structured replies")
+        if command in _WRITES and self.read_only:
+            raise RequestError(Error.EPERM, "the export is read-only")
+        if command == Command.FLUSH:
+            return
+        if command == Command.BLOCK_STATUS and not has_contexts:
+            raise RequestError(Error.EINVAL, "no metadata context was negotiated")
+        if request.payload_dropped:
+            raise RequestError(
+                Error.EINVAL, f"write of {request.length} bytes is over the limit of {self.max_payload}"
+            )
+        if command == Command.READ and request.length > self.max_payload:
+            raise RequestError(
+                Error.EINVAL, f"read of {request.length} bytes is over the limit of {self.max_payload}"
+            )
+        if request.offset + request.length > self.size:
+            error = Error.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Error.EINVAL
+            raise RequestError(
+                error, f"range {request.offset}+{request.length} is beyond the export size {self.size}"
+            )
+
+    # Operations, called after check().
+
+    async def read(self, buf: memoryview, offset: int) -> None:
+        await self.backend.pread(buf, offset)
+
+    async def write(self, data, offset: int, *, fua: bool) -> None:
+        fua = fua and self._honours_flush
+        if fua and not self.capabilities.can_fua:
+            await self.backend.pwrite(data, offset)
+            await self.backend.flush()
+        else:
+            await self.backend.pwrite(data, offset, fua=fua)
+
+    async def flush(self) -> None:
+        if self._honours_flush and self.capabilities.can_flush:
+            await self.backend.flush()
+
+    async def trim(self, offset: int, length: int, *, fua: bool) -> None:
+        if not self.capabilities.can_trim or not length:
+            return  # TRIM is a hint; without support it does nothing
+        await self._with_fua(self.backend.trim, offset, length, fua=fua)
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        caps = self.capabilities
+        if fast and not caps.can_fast_zero:
+            raise RequestError(Error.ENOTSUP, "zeroing is not faster than writing here")
+        if not length:
+            return
+        if caps.can_zero:
+            await self._with_fua(self.backend.zero, offset, length, may_trim=may_trim, fast=fast, fua=fua)
+            return
+        end = offset + length
+        while offset < end:
+            count = min(_ZERO_CHUNK, end - offset)
+            await self.backend.pwrite(memoryview(_ZEROES)[:count], offset)
+            offset += count
+        if fua and self._honours_flush:
+            await self.backend.flush()
+
+    async def _with_fua(self, operation, *args, fua: bool, **kwargs) -> None:
+        fua = fua and self._honours_flush
+        if fua and not self.capabilities.can_fua:
+            await operation(*args, **kwargs)
+            await self.backend.flush()
+        else:
+            await operation(*args, fua=fua, **kwargs)
+
+    async def cache(self, offset: int, length: int) -> None:
+        if self.capabilities.can_cache:
+            await self.backend.cache(offset, length)
+            return
+        end = offset + length
+        scratch = memoryview(bytearray(min(length, _ZERO_CHUNK)))
+        while offset < end:
+            count = min(len(scratch), end - offset)
+            await self.backend.pread(scratch[:count], offset)
+            offset += count
+
+    async def block_status(self, offset: int, length: int, *, req_one: bool) -> list[tuple[int, int]]:
+        """base:allocation descriptors: consecutive (length, flags) from `offset`."""
+        if not length:
+            length = 1 if offset < self.size else 0
+        if not length:
+            raise RequestError(Error.EINVAL, "block status at the end of the export")
+        if self.capabilities.can_extents:
+            extents = await self.backend.extents(offset, length)
+        else:
+            extents = [Extent(length)]
+        return _descriptors(extents, length, self.min_block, 1 if req_one else MAX_EXTENTS)
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+
+def _descriptors(extents: list[Extent], length: int, min_block: int, limit: int):
+    """Merge extents with equal flags, clip to the request, keep lengths 32-bit and aligned."""
+    result: list[list[int]] = []
+    covered = 0
+    for extent in extents:
+        if covered >= length or extent.length <= 0:
+            break
+        flags = (StateFlag.HOLE if extent.hole else 0) | (StateFlag.ZERO if extent.zero else 0)
+        size = min(extent.length, length - covered)
+        if result and result[-1][1] == flags:
+            result[-1][0] += size
+        else:
+            if len(result) == limit:
+                break
+            result.append([size, int(flags)])
+        covered += size
+    if not result:
+        raise RequestError(Error.EIO, "the backend reported no extents")
+    # A descriptor is 32 bits long; report the rest on the next request.
+    cap = (0xFFFFFFFF // max(min_block, 1)) * max(min_block, 1)
+    for index, (size, _) in enumerate(result):
+        if size > cap:
+            result[index][0] = cap
+            del result[index + 1 :]
+            break
+    return [(size, flags) for size, flags in result]
+
+
+async def open_export(config: ExportConfig) -> Export:
+    source = await config.source_driver.open(config.source_config, config.options)
+    try:
+        backend = await config.format_driver.open(source, config.format_config, config.options)
+    except BaseException:
+        await source.close()
+        raise
+    return Export(config.name, config.description, backend, config.options)
+
+
+__all__ = ["CacheMode", "Export", "ExportConfig", "RequestError", "nbd_error", "open_export"]

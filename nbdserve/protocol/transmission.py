@@ -1,0 +1,160 @@
+"""Transmission phase, sans-IO: requests parsed from bytes, replies encoded to bytes."""
+
+import struct
+from dataclasses import dataclass
+
+from .buffer import ReceiveBuffer
+from .constants import (
+    MAX_STRING_LENGTH,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Command,
+    ReplyFlag,
+    ReplyType,
+)
+from .errors import NEED_DATA, ProtocolError
+
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+_CHUNK_HEADER = struct.Struct(">IHHQI")
+_OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")
+
+SIMPLE_REPLY_SIZE = _SIMPLE_REPLY.size
+OFFSET_DATA_HEADER_SIZE = _OFFSET_DATA_HEADER.size
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    cookie: int
+    command: int  # a Command value, or an unknown number the export rejects
+    flags: int
+    offset: int
+    length: int
+    # The payload of a WRITE; None for other commands and for a WRITE whose
+    # payload was over the limit and so was drained instead of buffered.
+    data: bytes | bytearray | None = None
+
+    @property
+    def payload_dropped(self) -> bool:
+        return self.command == Command.WRITE and self.data is None
+
+
+class TransmissionParser:
+    """Turns the client's byte stream into `Request` events."""
+
+    def __init__(self, *, max_payload: int, initial_data: bytes = b"") -> None:
+        self._max_payload = max_payload
+        self._buffer = ReceiveBuffer()
+        self._header: tuple | None = None  # a WRITE header whose payload is arriving
+        self._payload: memoryview | None = None
+        self._payload_filled = 0
+        self._drain = 0
+        if initial_data:
+            self._buffer.append(initial_data)
+
+    def receive_data(self, data: bytes) -> None:
+        if self._drain:
+            dropped = min(self._drain, len(data))
+            self._drain -= dropped
+            data = data[dropped:]
+        if self._payload is not None and not len(self._buffer):
+            # Straight into the payload: one copy instead of two.
+            count = min(len(data), len(self._payload) - self._payload_filled)
+            self._payload[self._payload_filled : self._payload_filled + count] = data[:count]
+            self._payload_filled += count
+            data = data[count:]
+        if data:
+            self._buffer.append(data)
+
+    def next_event(self):
+        if self._drain:
+            return NEED_DATA
+        if self._payload is not None:
+            self._payload_filled += self._buffer.take_into(self._payload[self._payload_filled :])
+            if self._payload_filled < len(self._payload):
+                return NEED_DATA
+            payload = self._payload.obj
+            self._payload = None
+            return self._request(self._header, payload)
+        raw = self._buffer.take(_REQUEST.size)
+        if raw is None:
+            return NEED_DATA
+        header = _REQUEST.unpack(raw)
+        magic, flags, command, cookie, offset, length = header
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        if command != Command.WRITE:
+            return Request(cookie, command, flags, offset, length)
+        if length > self._max_payload:
+            self._drain = length - self._buffer.discard(length)
+            return self._request(header, None)
+        payload = self._buffer.take(length)
+        if payload is not None:
+            return self._request(header, payload)
+        self._header = header
+        self._payload = memoryview(bytearray(length))
+        self._payload_filled = self._buffer.take_into(self._payload)
+        return NEED_DATA
+
+    @staticmethod
+    def _request(header: tuple, payload) -> Request:
+        _, flags, command, cookie, offset, length = header
+        return Request(cookie, command, flags, offset, length, payload)
+
+
+# Replies.
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def chunk_header(cookie: int, reply_type: ReplyType, length: int, *, done: bool) -> bytes:
+    flags = ReplyFlag.DONE if done else 0
+    return _CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, reply_type, cookie, length)
+
+
+def pack_offset_data_header(
+    target: memoryview, cookie: int, offset: int, data_length: int, *, done: bool
+) -> None:
+    """Write an OFFSET_DATA chunk header in front of data read in place after it."""
+    flags = ReplyFlag.DONE if done else 0
+    _OFFSET_DATA_HEADER.pack_into(
+        target, 0, STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, cookie,
+        8 + data_length, offset,
+    )
+
+
+def pack_simple_reply(target: memoryview, cookie: int) -> None:
+    _SIMPLE_REPLY.pack_into(target, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
+
+
+def offset_hole_chunk(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
+    return chunk_header(cookie, ReplyType.OFFSET_HOLE, 12, done=done) + struct.pack(
+        ">QI", offset, length
+    )
+
+
+def none_chunk(cookie: int) -> bytes:
+    return chunk_header(cookie, ReplyType.NONE, 0, done=True)
+
+
+def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
+    text = message.encode()[:MAX_STRING_LENGTH]
+    payload = struct.pack(">IH", error, len(text)) + text
+    return chunk_header(cookie, ReplyType.ERROR, len(payload), done=True) + payload
+
+
+def block_status_chunk(
+    cookie: int, context_id: int, extents: list[tuple[int, int]], *, done: bool
+) -> bytes:
+    """`extents` are (length, flags) pairs, consecutive from the request's offset."""
+    payload = struct.pack(f">I{2 * len(extents)}I", context_id, *_flatten(extents))
+    return chunk_header(cookie, ReplyType.BLOCK_STATUS, len(payload), done=done) + payload
+
+
+def _flatten(pairs):
+    for length, flags in pairs:
+        yield length
+        yield flags

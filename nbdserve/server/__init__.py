@@ -1,0 +1,1 @@
+"""The trio transport: listeners, connections, requests in flight, shutdown."""

@@ -1,0 +1,116 @@
+"""Listening sockets: TCP, unix, and sockets handed over by systemd (LISTEN_FDS)."""
+
+import errno
+import logging
+import os
+import socket
+import stat
+
+import trio
+
+from ..config import Listener
+
+log = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+BACKLOG = 128
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation, or [] when not socket-activated."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
+
+
+def bind_tcp(listener: Listener) -> list[socket.socket]:
+    sockets = []
+    infos = socket.getaddrinfo(
+        listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        sockets.append(sock)
+    return sockets
+
+
+def bind_unix(path: str) -> socket.socket:
+    remove_stale_socket(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def remove_stale_socket(path: str) -> None:
+    """A socket file left by a crashed server must not block the next start; a live one must."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        log.info("removing stale socket %s", path)
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
+
+
+def open_listeners(listeners: list[Listener]) -> list[socket.socket]:
+    """Bind every configured listener, or take systemd's sockets when it passed any."""
+    inherited = systemd_sockets()
+    if inherited:
+        return inherited
+    sockets: list[socket.socket] = []
+    try:
+        for listener in listeners:
+            if listener.kind == "unix":
+                sockets.append(bind_unix(listener.path))
+            else:
+                sockets.extend(bind_tcp(listener))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def describe(sock: socket.socket) -> str:
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{address}"
+    if sock.family == socket.AF_INET6:
+        return f"[{address[0]}]:{address[1]}"
+    return f"{address[0]}:{address[1]}"
+
+
+def to_trio(sock: socket.socket) -> trio.SocketListener:
+    sock.setblocking(False)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
