@@ -50,6 +50,9 @@ class ServerConfig:
 
 
 def default_state_dir() -> Path:
+    """systemd's StateDirectory= when set, else /var/lib/nbdserve for root, else XDG's."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     if os.geteuid() == 0:
         return Path("/var/lib/nbdserve")
     xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")

@@ -1,0 +1,1 @@
+"""Subcommands of `nbdserve`, one module each (see nbdserve.cli.COMMANDS)."""
