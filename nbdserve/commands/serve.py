@@ -100,7 +100,7 @@ def attach_hints(config: ServerConfig, addresses: list[str]) -> list[str]:
 
 
 def command_serve(args) -> int:
-    from .server.server import run_server
+    from ..server.server import run_server
 
     config = config_from_args(args)
 
