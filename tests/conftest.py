@@ -39,15 +39,16 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
     def send_signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
+        # The whole process group: the server, and a tracer (strace) wrapped around it.
+        os.killpg(self.proc.pid, signum)
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signum)
+            self.send_signal(signum)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.send_signal(signal.SIGKILL)
                 self.proc.wait()
                 raise AssertionError(f"nbdserve did not stop within {timeout} s:\n{self.log()}")
         return self.proc.returncode
@@ -75,14 +76,15 @@ def start_server(tmp_path):
 
     With `config` (a dict), it is written as YAML with a TCP listener on a free port (or a unix
     socket) and state-dir set to tmp_path, unless the dict says otherwise. Without it, `args` are
-    passed to `nbdserve serve` after `-p PORT`. At teardown the server is stopped and its log must
-    hold no traceback: a traceback is a bug even when the client got its answer.
+    passed to `nbdserve serve` after `-p PORT`. `prefix` wraps the command (e.g. in strace). At
+    teardown the server is stopped and its log must hold no traceback: a traceback is a bug even
+    when the client got its answer.
     """
     servers: list[RunningServer] = []
     counter = iter(range(1000))
 
     def start(config: dict | None = None, *, args=(), env=None, unix: bool = False, wait: bool = True,
-              allow_traceback: bool = False) -> RunningServer:
+              allow_traceback: bool = False, prefix=()) -> RunningServer:
         index = next(counter)
         log_path = tmp_path / f"nbdserve-{index}.log"
         port = None if unix else free_port()
@@ -100,7 +102,7 @@ def start_server(tmp_path):
             command = [*NBDSERVE, "serve", *where, "--log-level", "debug", *args]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [*prefix, *command], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})}, start_new_session=True,
             )
         server = RunningServer(proc, port, log_path, socket_path)
@@ -113,7 +115,7 @@ def start_server(tmp_path):
     yield start
     for server in servers:
         if server.proc.poll() is None:
-            server.proc.kill()
+            server.send_signal(signal.SIGKILL)
             server.proc.wait()
     for server in servers:
         if not server.allow_traceback:
