@@ -16,11 +16,12 @@ class ReceiveBuffer:
             self._pos = 0
         self._data += data
 
-    def peek(self, count: int) -> memoryview | None:
-        """The next `count` bytes, without consuming them, or None if not there yet."""
+    def peek(self, count: int) -> bytes | None:
+        """The next `count` bytes, without consuming them, or None if not there yet. A copy: a
+        view would pin the bytearray, and compaction of a pinned bytearray raises BufferError."""
         if len(self) < count:
             return None
-        return memoryview(self._data)[self._pos : self._pos + count]
+        return bytes(self._data[self._pos : self._pos + count])
 
     def take(self, count: int) -> bytes | None:
         """Consume and return exactly `count` bytes, or None if not there yet."""
