@@ -76,7 +76,8 @@ def start_server(tmp_path):
 
     With `config` (a dict), it is written as YAML with a TCP listener on a free port (or a unix
     socket) and state-dir set to tmp_path, unless the dict says otherwise. Without it, `args` are
-    passed to `nbdserve serve` after `-p PORT`. `prefix` wraps the command (e.g. in strace). At
+    passed to `nbdserve serve` after `-p PORT`. `prefix` wraps the command (e.g. in strace);
+    `port` picks the TCP port instead of a free one (to restart a server where clients expect it). At
     teardown the server is stopped and its log must hold no traceback: a traceback is a bug even
     when the client got its answer.
     """
@@ -84,10 +85,10 @@ def start_server(tmp_path):
     counter = iter(range(1000))
 
     def start(config: dict | None = None, *, args=(), env=None, unix: bool = False, wait: bool = True,
-              allow_traceback: bool = False, prefix=()) -> RunningServer:
+              allow_traceback: bool = False, prefix=(), port: int | None = None) -> RunningServer:
         index = next(counter)
         log_path = tmp_path / f"nbdserve-{index}.log"
-        port = None if unix else free_port()
+        port = None if unix else port or free_port()
         socket_path = str(tmp_path / f"nbd-{index}.sock") if unix else None
         listener = {"unix": socket_path} if unix else {"tcp": f"127.0.0.1:{port}"}
         if config is not None:
