@@ -1,0 +1,135 @@
+"""Each cache mode proven at the syscall level: the server runs under strace, and the open flags,
+fdatasyncs and RWF_DSYNC writes on the image's descriptor must be what the mode promises.
+
+TRIMs of distinct ranges (fallocate calls with their offsets in the trace) mark the phases of the
+client's work, so the test does not depend on how the server issues its writes.
+"""
+
+import re
+from dataclasses import dataclass
+
+import nbd
+import pytest
+
+MiB = 1024 * 1024
+SIZE = 8 * MiB
+TRACED = "openat,fdatasync,fsync,fallocate,pwritev2,pwritev,pwrite64,write,io_uring_enter"
+_LINE = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+(\w+)\((.*)\)\s+=\s+(-?\d+)")
+# The phases: a TRIM of 4096 bytes at each offset opens the phase of that name.
+MARKS = {"write": 7 * MiB, "flush": 7 * MiB + 4096, "fua write": 7 * MiB + 8192, "shutdown": 7 * MiB + 12288}
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    args: str
+
+    @property
+    def fd(self) -> int:
+        return int(self.args.split(",", 1)[0])
+
+
+def image_calls(trace: str, image: str) -> tuple[list[str], list[Call]]:
+    """(open flags of every open of `image`, calls on the descriptors it got, in order)."""
+    opens, fds, calls = [], set(), []
+    for line in trace.splitlines():
+        match = _LINE.match(line)
+        if not match:
+            continue
+        _, name, args, result = match.groups()
+        if name == "openat" and f'"{image}"' in args:
+            opens.append(args.rsplit(",", 1)[-1].strip())
+            fds.add(int(result))
+        elif name != "openat" and args.split(",", 1)[0].isdigit() and int(args.split(",", 1)[0]) in fds:
+            calls.append(Call(name, args))
+    return opens, calls
+
+
+def phases(calls: list[Call]) -> dict[str, list[Call]]:
+    """Calls between the TRIM marks, by the name of the mark that opens the phase."""
+    found: dict[str, list[Call]] = {"open": []}
+    current = "open"
+    offsets = {offset: name for name, offset in MARKS.items()}
+    for call in calls:
+        if call.name == "fallocate":
+            offset = int(call.args.split(",")[2])
+            if offset in offsets:
+                current = offsets[offset]
+                found[current] = []
+                continue
+        found[current].append(call)
+    return found
+
+
+def syncs(calls: list[Call]) -> int:
+    return sum(call.name in ("fdatasync", "fsync") for call in calls)
+
+
+def dsync_writes(calls: list[Call]) -> int:
+    return sum(call.name.startswith("pwrite") and "RWF_DSYNC" in call.args for call in calls)
+
+
+def trace_cache_mode(start_server, raw_image, tmp_path, mode: str):
+    """Serve an image in `mode` under strace, write, flush, FUA-write and read it back."""
+    image = raw_image(SIZE)
+    trace_path = tmp_path / "strace.log"
+    strace = ["strace", "-f", "-qq", "--seccomp-bpf", "-o", str(trace_path), "-e", f"trace={TRACED}"]
+    server = start_server({"exports": {"disk": {"source": str(image), "cache": mode}}}, prefix=strace)
+    handle = nbd.NBD()
+    handle.set_strict_mode(0)  # unsafe does not advertise FLUSH and FUA: send them anyway
+    handle.connect_uri(server.uri("disk"))
+    flags = {name: getattr(handle, f"can_{name}")() for name in ("flush", "fua", "trim", "zero", "multi_conn")}
+    minimum_block = handle.get_block_size(nbd.SIZE_MINIMUM)
+
+    def mark(name: str) -> None:
+        handle.trim(4096, MARKS[name])
+
+    mark("write")
+    handle.pwrite(b"a" * 8192, 0)
+    mark("flush")
+    handle.flush()
+    mark("fua write")
+    handle.pwrite(b"b" * 8192, 8192, nbd.CMD_FLAG_FUA)
+    mark("shutdown")
+    assert handle.pread(16384, 0) == b"a" * 8192 + b"b" * 8192
+    handle.shutdown()
+    assert server.stop() == 0
+    assert image.read_bytes()[:16384] == b"a" * 8192 + b"b" * 8192
+    opens, calls = image_calls(trace_path.read_text(), str(image))
+    return flags, minimum_block, opens, phases(calls)
+
+
+MODES = {
+    # mode: (O_DIRECT, O_DSYNC, FLUSH and FUA honoured, advertised minimum block size)
+    "writeback": (False, False, True, 1),
+    "writethrough": (False, True, True, 1),
+    "none": (True, False, True, 4096),
+    "directsync": (True, True, True, 4096),
+    "unsafe": (False, False, False, 1),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cache_mode_at_the_syscall_level(start_server, raw_image, tmp_path, mode):
+    direct, dsync, honours_flush, minimum_block = MODES[mode]
+    flags, advertised_minimum, opens, phase = trace_cache_mode(start_server, raw_image, tmp_path, mode)
+
+    assert flags == {"flush": honours_flush, "fua": honours_flush, "trim": True, "zero": True,
+                     "multi_conn": True}
+    assert advertised_minimum == minimum_block
+    assert opens, "the image was never opened"
+    for open_flags in opens:
+        assert ("O_DIRECT" in open_flags) == direct, open_flags
+        assert ("O_DSYNC" in open_flags) == dsync, open_flags
+    assert list(phase) == ["open", *MARKS]
+
+    # A plain write is never synced by itself (O_DSYNC does that, where the mode asks for it).
+    assert syncs(phase["write"]) == 0
+    if honours_flush:
+        assert syncs(phase["flush"]) == 1  # FLUSH -> fdatasync
+        fua = phase["fua write"]
+        assert dsync_writes(fua) + syncs(fua) >= 1, fua  # FUA -> RWF_DSYNC or fdatasync
+        assert syncs(phase["shutdown"]) == 1  # every export is flushed at exit
+    else:
+        every_call = [call for calls in phase.values() for call in calls]
+        assert syncs(every_call) == 0 and dsync_writes(every_call) == 0, every_call
