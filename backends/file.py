@@ -136,6 +136,9 @@ class FileBackend:
         if done < len(buf):
             await trio.to_thread.run_sync(self._read_full, buf[done:], offset + done)
 
+    def try_pread(self, buf: memoryview, offset: int) -> bool:
+        return self._nowait_reads and self._read_nowait(buf, offset) == len(buf)
+
     def _read_nowait(self, buf: memoryview, offset: int) -> int:
         try:
             return os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
@@ -175,6 +178,12 @@ class FileBackend:
             self._write_full(buf, offset, 0)
         else:
             await trio.to_thread.run_sync(self._write_full, buf, offset, flags)
+
+    def try_pwrite(self, buf, offset: int) -> bool:
+        if not self._inline_writes:
+            return False
+        self._write_full(memoryview(buf), offset, 0)
+        return True
 
     def _write_full(self, buf: memoryview, offset: int, flags: int) -> None:
         while len(buf):

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from .access import ExportAccess
 from .backend import Backend, CacheMode, Extent, OpenOptions
 from .protocol.constants import (
     MAX_EXTENTS,
@@ -51,17 +52,24 @@ class RequestError(Exception):
         self.error = error
 
 
-# Flags each command accepts besides FUA (which the spec allows on every command).
+# Flags each command accepts, FUA included (the spec allows it on every command). Plain ints:
+# check() runs for every request, and IntFlag arithmetic costs microseconds.
+_FUA = int(CommandFlag.FUA)
+_DF = int(CommandFlag.DF)
 _COMMAND_FLAGS = {
-    Command.READ: CommandFlag.DF,
-    Command.WRITE: CommandFlag(0),
-    Command.FLUSH: CommandFlag(0),
-    Command.TRIM: CommandFlag(0),
-    Command.CACHE: CommandFlag(0),
-    Command.WRITE_ZEROES: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+    int(command): int(flags) | _FUA
+    for command, flags in {
+        Command.READ: CommandFlag.DF,
+        Command.WRITE: 0,
+        Command.FLUSH: 0,
+        Command.TRIM: 0,
+        Command.CACHE: 0,
+        Command.WRITE_ZEROES: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+        Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+    }.items()
 }
-_WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+_WRITES = frozenset(int(c) for c in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES))
+_READ, _FLUSH, _BLOCK_STATUS = int(Command.READ), int(Command.FLUSH), int(Command.BLOCK_STATUS)
 # Zeroing without native support writes this much per call.
 _ZERO_CHUNK = 1024 * 1024
 _ZEROES = bytes(_ZERO_CHUNK)
@@ -78,6 +86,7 @@ class ExportConfig:
     format_config: Any
     options: OpenOptions = field(default_factory=OpenOptions)
     description: str = ""
+    access: ExportAccess = field(default_factory=ExportAccess)  # checked before opening
 
 
 class Export:
@@ -94,6 +103,9 @@ class Export:
         self.preferred_block = max(caps.block_size_preferred, self.min_block, 512)
         self.max_payload = max(caps.block_size_max, self.preferred_block)
         self._honours_flush = options.cache.honours_flush
+        # Optional synchronous fast paths of the backend contract.
+        self._try_pread = getattr(backend, "try_pread", None)
+        self._try_pwrite = getattr(backend, "try_pwrite", None)
 
     def __repr__(self) -> str:
         return f"<Export {self.name!r} size={self.size}>"
@@ -129,21 +141,22 @@ class Export:
             allowed = _COMMAND_FLAGS[command]
         except KeyError:
             raise RequestError(Error.EINVAL, f"unknown command {command}") from None
-        if request.flags & ~(allowed | CommandFlag.FUA):
-            raise RequestError(Error.EINVAL, f"invalid flags {request.flags:#x} for {Command(command).name}")
-        if request.flags & CommandFlag.DF and not structured:
+        flags = request.flags
+        if flags & ~allowed:
+            raise RequestError(Error.EINVAL, f"invalid flags {flags:#x} for {Command(command).name}")
+        if flags & _DF and not structured:
             raise RequestError(Error.EINVAL, "DF without structured replies")
         if command in _WRITES and self.read_only:
             raise RequestError(Error.EPERM, "the export is read-only")
-        if command == Command.FLUSH:
+        if command == _FLUSH:
             return
-        if command == Command.BLOCK_STATUS and not has_contexts:
+        if command == _BLOCK_STATUS and not has_contexts:
             raise RequestError(Error.EINVAL, "no metadata context was negotiated")
         if request.payload_dropped:
             raise RequestError(
                 Error.EINVAL, f"write of {request.length} bytes is over the limit of {self.max_payload}"
             )
-        if command == Command.READ and request.length > self.max_payload:
+        if command == _READ and request.length > self.max_payload:
             raise RequestError(
                 Error.EINVAL, f"read of {request.length} bytes is over the limit of {self.max_payload}"
             )
@@ -157,6 +170,14 @@ class Export:
 
     async def read(self, buf: memoryview, offset: int) -> None:
         await self.backend.pread(buf, offset)
+
+    def try_read(self, buf: memoryview, offset: int) -> bool:
+        """Read without blocking if the backend can (page cache hits): True when done."""
+        return self._try_pread is not None and self._try_pread(buf, offset)
+
+    def try_write(self, data, offset: int) -> bool:
+        """Write without blocking if the backend can (buffered writes): True when done."""
+        return self._try_pwrite is not None and self._try_pwrite(data, offset)
 
     async def write(self, data, offset: int, *, fua: bool) -> None:
         fua = fua and self._honours_flush
