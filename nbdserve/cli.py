@@ -9,7 +9,7 @@ from . import __version__
 from .settings import ConfigError
 
 # Each module has register(subparsers), which adds its subcommand with a `handler` default.
-COMMANDS = ["serve"]
+COMMANDS = ["serve", "lvm"]
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 

@@ -8,6 +8,7 @@ import yaml
 
 from . import registry
 from .backend import CacheMode, OpenOptions
+from .catalog import ExportProvider
 from .export import ExportConfig
 from .registry import FORMATS, ParseContext
 from .settings import ConfigError, Section
@@ -47,6 +48,8 @@ class ServerConfig:
     default_export: str | None = None
     limits: Limits = field(default_factory=Limits)
     state_dir: Path = field(default_factory=lambda: default_state_dir())
+    # Exports found while serving (every LV of a volume group), by their key under `exports`.
+    providers: dict[str, ExportProvider] = field(default_factory=dict)
 
 
 def default_state_dir() -> Path:
@@ -119,6 +122,12 @@ def parse_export(name: str, value, path: str, context: ParseContext) -> ExportCo
     return config
 
 
+def export_provider(export: ExportConfig) -> ExportProvider | None:
+    """The provider of many exports a source names (every LV of a volume group), if it does."""
+    make = getattr(export.source_driver, "provider", None)
+    return make(export) if make else None
+
+
 def parse_limits(section: Section) -> Limits:
     defaults = Limits()
     limits = Limits(
@@ -144,17 +153,23 @@ def parse_config(mapping, *, config_dir: Path | None = None) -> ServerConfig:
     ] or [Listener("tcp", DEFAULT_HOST, DEFAULT_PORT)]
     exports_section = root.section("exports")
     exports = {}
+    providers = {}
     for name, value in exports_section.items():
         name = str(name)
-        exports[name] = parse_export(name, value, exports_section.key_path(name), context)
-    if not exports:
+        export = parse_export(name, value, exports_section.key_path(name), context)
+        provider = export_provider(export)
+        if provider is None:
+            exports[name] = export
+        else:
+            providers[name] = provider
+    if not exports and not providers:
         raise root.error("exports", "no export is configured")
     default_export = root.str("default-export")
     if default_export is not None and default_export not in exports:
         raise root.error("default-export", f"names no configured export: {default_export!r}")
     limits = parse_limits(root.section("limits"))
     root.done()
-    return ServerConfig(listeners, exports, default_export, limits, state_dir)
+    return ServerConfig(listeners, exports, default_export, limits, state_dir, providers=providers)
 
 
 def load_config(path: str | Path) -> ServerConfig:

@@ -7,6 +7,8 @@ A source driver provides:
     claims(spec: str) -> dict | None      the settings a command-line SOURCE means, if it is ours
     parse(section: Section, context: ParseContext) -> config
     async open(config, options: OpenOptions) -> Backend
+  and, if one config can name many exports (lvm: every LV of a volume group):
+    provider(template: ExportConfig) -> catalog.ExportProvider | None   None: just one export
 A format driver provides:
     name: str
     parse(section: Section, context: ParseContext) -> config

@@ -80,7 +80,8 @@ def config_from_args(args) -> ServerConfig:
         "read-only": args.read_only,
         "description": args.description,
     }
-    return parse_config({"listen": listen, "exports": {name: export}, "default-export": name})
+    # A lone export is the default one; `lvm:VG` (every LV an export) has none.
+    return parse_config({"listen": listen, "exports": {name: export}})
 
 
 def attach_hints(config: ServerConfig, addresses: list[str]) -> list[str]:

@@ -68,6 +68,7 @@ class Negotiator:
             case AbortRequest():
                 return hs.send_ack()
             case ListRequest():
+                await self.catalog.discover()
                 entries = b"".join(
                     hs.send_server(name, self.catalog.description(name)) for name in self.catalog.names()
                 )
@@ -91,6 +92,7 @@ class Negotiator:
         raise AssertionError(f"unhandled handshake event {event!r}")
 
     async def _lookup(self, name: str) -> Export | tuple[Reply, str]:
+        await self.catalog.discover(name)  # an export found at GO time, an LV made since LIST
         try:
             export = await self.catalog.get(name)
         except ExportUnavailable as exc:

@@ -22,7 +22,7 @@ _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.catalog = Catalog(config.exports, config.default_export)
+        self.catalog = Catalog(config.exports, config.default_export, config.providers)
         self.connections: set[Connection] = set()
         self.addresses: list[str] = []
         self._accept_scope = trio.CancelScope()
@@ -44,6 +44,7 @@ class Server:
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
                             accepting.start_soon(self._accept, listener, connections)
+                        accepting.start_soon(self.catalog.serve_discovery)
                         task_status.started(self.addresses)
                 self._drain(connections)
         finally:

@@ -1,0 +1,5 @@
+"""LVM logical volumes as exports: see driver.py."""
+
+from .driver import LvmDriver
+
+__all__ = ["LvmDriver"]
