@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 
 import trio
 
+from .access import Client, Verdict
 from .export import Export, ExportConfig, open_export
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,12 @@ class Catalog:
             return self._default
         only = len(self._configs) == 1 and not self._providers
         return next(iter(self._configs)) if only else ""
+
+    def check(self, name: str, client: Client) -> Verdict:
+        """May `client` use export `name`? Unknown names are DENIED: the client cannot tell
+        them from exports it may not use. Call before `get`, which may open the export."""
+        config = self._config(self.resolve(name))
+        return Verdict.DENIED if config is None else config.access.check(client)
 
     async def get(self, name: str) -> Export | None:
         """The open export, or None if there is no such export. Raises ExportUnavailable."""

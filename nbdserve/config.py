@@ -7,10 +7,12 @@ from pathlib import Path
 import yaml
 
 from . import registry
+from .access import parse_access
 from .backend import CacheMode, OpenOptions
 from .catalog import ExportProvider
 from .export import ExportConfig
 from .registry import FORMATS, ParseContext
+from .server.tls import TLSConfig, parse_tls
 from .settings import ConfigError, Section
 
 DEFAULT_PORT = 10809
@@ -39,6 +41,10 @@ class Limits:
     max_payload: int = 32 * 1024 * 1024  # largest READ or WRITE payload accepted
     max_in_flight: int = 64  # requests of one connection in progress at once
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish at shutdown
+    max_connections: int = 512  # more are accepted and closed at once
+    max_connections_per_client: int = 64  # per client IP address (all unix clients count as one)
+    handshake_timeout: float = 10.0  # seconds from connect to transmission (TLS included)
+    idle_timeout: float = 0.0  # seconds without a request before a client is dropped; 0: never
 
 
 @dataclass
@@ -48,6 +54,7 @@ class ServerConfig:
     default_export: str | None = None
     limits: Limits = field(default_factory=Limits)
     state_dir: Path = field(default_factory=lambda: default_state_dir())
+    tls: TLSConfig = field(default_factory=TLSConfig)
     # Exports found while serving (every LV of a volume group), by their key under `exports`.
     providers: dict[str, ExportProvider] = field(default_factory=dict)
 
@@ -117,6 +124,7 @@ def parse_export(name: str, value, path: str, context: ParseContext) -> ExportCo
         format_config=format_config,
         options=OpenOptions(read_only=section.bool("read-only"), cache=CacheMode(cache)),
         description=section.str("description", ""),
+        access=parse_access(section),
     )
     section.done()
     return config
@@ -134,6 +142,12 @@ def parse_limits(section: Section) -> Limits:
         max_payload=section.size("max-payload", defaults.max_payload),
         max_in_flight=section.int("max-in-flight", defaults.max_in_flight, minimum=1),
         shutdown_grace=section.number("shutdown-grace", defaults.shutdown_grace),
+        max_connections=section.int("max-connections", defaults.max_connections, minimum=1),
+        max_connections_per_client=section.int(
+            "max-connections-per-client", defaults.max_connections_per_client, minimum=1
+        ),
+        handshake_timeout=section.number("handshake-timeout", defaults.handshake_timeout),
+        idle_timeout=section.number("idle-timeout", defaults.idle_timeout),
     )
     if limits.max_payload < 1024 * 1024:
         raise section.error("max-payload", "must be at least 1M (the spec's floor for clients)")
@@ -168,8 +182,9 @@ def parse_config(mapping, *, config_dir: Path | None = None) -> ServerConfig:
     if default_export is not None and default_export not in exports:
         raise root.error("default-export", f"names no configured export: {default_export!r}")
     limits = parse_limits(root.section("limits"))
+    tls = parse_tls(root.raw("tls"), root.key_path("tls"), config_dir=config_dir, exports=exports)
     root.done()
-    return ServerConfig(listeners, exports, default_export, limits, state_dir, providers=providers)
+    return ServerConfig(listeners, exports, default_export, limits, state_dir, tls, providers=providers)
 
 
 def load_config(path: str | Path) -> ServerConfig:

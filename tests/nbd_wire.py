@@ -69,8 +69,11 @@ def feeds(data: bytes, trailing: bytes) -> dict[str, list[bytes]]:
 class RawClient:
     """A blocking NBD client over a plain socket that sends exactly what a test tells it to."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, *, source: str | None = None) -> None:
+        """`source`: the local address to connect from (any of 127.0.0.0/8 on loopback)."""
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+        )
 
     def close(self) -> None:
         self.sock.close()

@@ -16,6 +16,7 @@ from ..config import (
     load_config,
     parse_config,
 )
+from ..server.tls import TLS_MODES, tls_from_flags
 from ..settings import ConfigError
 
 log = logging.getLogger("nbdserve")
@@ -43,6 +44,10 @@ def register(subparsers) -> None:
     serve.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
     serve.add_argument("-t", "--persistent", action="store_true",
                        help="accepted for qemu-nbd compatibility: nbdserve always keeps serving")
+    serve.add_argument("--tls", choices=TLS_MODES,
+                       help="STARTTLS: off, optional, or required before any other option")
+    serve.add_argument("--tls-dir", metavar="DIR",
+                       help="certificates with QEMU's names: ca-cert.pem, server-cert.pem, server-key.pem")
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default info)")
     serve.set_defaults(handler=command_serve)
 
@@ -104,6 +109,7 @@ def command_serve(args) -> int:
     from ..server.server import run_server
 
     config = config_from_args(args)
+    config.tls = tls_from_flags(config.tls, config.exports, args.tls, args.tls_dir)
 
     async def main():
         async with trio.open_nursery() as nursery:

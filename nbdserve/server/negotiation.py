@@ -1,8 +1,10 @@
 """How the server answers each handshake option: the policy over the sans-IO state machine."""
 
+import dataclasses
 import logging
 import struct
 
+from ..access import Client, Verdict
 from ..catalog import Catalog, ExportUnavailable
 from ..export import Export
 from ..protocol.constants import BASE_ALLOCATION, Info, Option, Reply
@@ -19,6 +21,7 @@ from ..protocol.handshake import (
     StructuredReplyRequest,
     UnsupportedOption,
 )
+from .tls import TLSConfig, TLSMode
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,14 @@ def matching_contexts(queries: tuple[str, ...], *, select: bool) -> list[tuple[i
 class Negotiator:
     """Answers options until the client picks an export (`self.export`) or hangs up."""
 
-    def __init__(self, handshake: ServerHandshake, catalog: Catalog, tls=None) -> None:
+    def __init__(
+        self, handshake: ServerHandshake, catalog: Catalog, tls: TLSConfig | None = None,
+        client: Client | None = None,
+    ) -> None:
         self.handshake = handshake
         self.catalog = catalog
-        self.tls = tls
+        self.tls = tls or TLSConfig()
+        self.client = client or Client()
         self.export: Export | None = None
         self.export_name = ""
         self.block_size_agreed = False
@@ -54,6 +61,12 @@ class Negotiator:
         if isinstance(event, (InvalidOption, OversizedOption)) and event.option == Option.EXPORT_NAME:
             hs.close()  # EXPORT_NAME has no error reply: hang up
             return b""
+        if self._tls_required_first(hs.option):
+            if hs.option == Option.EXPORT_NAME:
+                log.info("%s: EXPORT_NAME before STARTTLS, hanging up", self.client)
+                hs.close()
+                return b""
+            return hs.send_error(Reply.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
         match event:
             case ExportNameRequest(name=name):
                 export = await self._lookup(name)
@@ -70,11 +83,13 @@ class Negotiator:
             case ListRequest():
                 await self.catalog.discover()
                 entries = b"".join(
-                    hs.send_server(name, self.catalog.description(name)) for name in self.catalog.names()
+                    hs.send_server(name, self.catalog.description(name))
+                    for name in self.catalog.names()
+                    if self.catalog.check(name, self.client) is Verdict.ALLOWED
                 )
                 return entries + hs.send_ack()
             case StartTLSRequest():
-                if self.tls is None:
+                if not self.tls.enabled:
                     return hs.send_error(Reply.ERR_UNSUP, "TLS is not configured on this server")
                 return hs.send_ack()
             case StructuredReplyRequest():
@@ -91,8 +106,30 @@ class Negotiator:
                 return hs.send_error(Reply.ERR_TOO_BIG, f"option of {length} bytes is too long")
         raise AssertionError(f"unhandled handshake event {event!r}")
 
+    def _tls_required_first(self, option: int) -> bool:
+        """FORCEDTLS: before TLS, every option but STARTTLS and ABORT is refused."""
+        return (
+            self.tls.mode is TLSMode.REQUIRED
+            and not self.handshake.tls_active
+            and option not in (Option.STARTTLS, Option.ABORT)
+        )
+
+    def tls_started(self, subject: str | None) -> None:
+        """The stream is now TLS: forget everything negotiated in plaintext (CVE-2021-3716)."""
+        self.handshake.tls_established()
+        self.block_size_agreed = False
+        self.client = dataclasses.replace(self.client, tls=True, subject=subject)
+
     async def _lookup(self, name: str) -> Export | tuple[Reply, str]:
+        # Vetted before the catalog is touched: a refused client never causes an open, and
+        # sees the same answer as for a name that does not exist.
         await self.catalog.discover(name)  # an export found at GO time, an LV made since LIST
+        verdict = self.catalog.check(name, self.client)
+        if verdict is Verdict.NEEDS_TLS:
+            return Reply.ERR_TLS_REQD, f"export {name!r} needs TLS with a client certificate"
+        if verdict is Verdict.DENIED:
+            log.info("%s: export %r refused (unknown or not allowed)", self.client, name)
+            return Reply.ERR_UNKNOWN, f"no export named {name!r}"
         try:
             export = await self.catalog.get(name)
         except ExportUnavailable as exc:

@@ -8,9 +8,11 @@ import socket
 
 import trio
 
+from ..access import Client
 from ..catalog import Catalog
 from ..config import ServerConfig
 from .connection import Connection
+from .limits import ConnectionLimiter
 from .listeners import describe, open_listeners, to_trio
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ class Server:
         self.config = config
         self.catalog = Catalog(config.exports, config.default_export, config.providers)
         self.connections: set[Connection] = set()
+        self.limiter = ConnectionLimiter()
         self.addresses: list[str] = []
         self._accept_scope = trio.CancelScope()
         self._unix_paths: list[str] = []
@@ -79,7 +82,15 @@ class Server:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
-        connection = Connection(stream, peer, self.catalog, self.config.limits)
+        client = _client(stream)
+        refusal = self.limiter.admit(client, self.config.limits)
+        if refusal:
+            log.warning("%s: refused: %s", peer, refusal)
+            await trio.aclose_forcefully(stream)
+            return
+        connection = Connection(
+            stream, peer, self.catalog, self.config.limits, tls=self.config.tls, client=client
+        )
         self.connections.add(connection)
         log.info("%s: connected", peer)
         try:
@@ -89,6 +100,7 @@ class Server:
             log.exception("%s: internal error", peer)
         finally:
             self.connections.discard(connection)
+            self.limiter.release(client)
             log.info("%s: disconnected", peer)
 
     def _remove_unix_sockets(self) -> None:
@@ -107,6 +119,16 @@ def _peer_name(stream: trio.SocketStream) -> str:
     if stream.socket.family == socket.AF_UNIX:
         return "unix client"
     return f"{address[0]}:{address[1]}"
+
+
+def _client(stream: trio.SocketStream) -> Client:
+    """Who connected, as the access lists see it; a unix socket client has no address."""
+    if stream.socket.family == socket.AF_UNIX:
+        return Client(unix=True)
+    try:
+        return Client.from_ip(stream.socket.getpeername()[0])
+    except OSError:
+        return Client()  # gone already; an unknown address matches no allow list
 
 
 async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
