@@ -160,8 +160,7 @@ class Connection:
         try:
             # serving(): when the export goes away (its LV removed), stop_reading() ends us cleanly.
             async with self.catalog.serving(export, self.stop_reading), trio.open_nursery() as requests:
-                with self._reading():
-                    await self._read_requests(parser, slots, requests)
+                await self._read_requests(parser, slots, requests)
         finally:
             c = self.counters
             log.info(
@@ -183,7 +182,13 @@ class Connection:
                 if request is NEED_DATA:
                     if batch:
                         await self._send_batch(batch)
-                    parser.receive_data(await self._receive())
+                    # Only the wait for more requests is cancelled at shutdown: a reply cut
+                    # short would lose requests already served and garble the stream.
+                    with self._reading() as reading:
+                        data = await self._receive()
+                    if reading.cancelled_caught:
+                        return
+                    parser.receive_data(data)
                     continue
                 if request.command == _DISC:
                     return
