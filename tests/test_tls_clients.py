@@ -1,0 +1,59 @@
+"""Real clients over TLS against `nbdserve serve --tls required --tls-dir DIR`: qemu-img and
+qemu-io with a tls-creds-x509 object, nbdinfo and nbdcopy with nbds:// URIs."""
+
+import json
+
+import pytest
+from conftest import run
+from tls_pki import make_pki, nbds_uri
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def tls_server(start_server, raw_image, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    image = raw_image(16 * MiB, data=b"\x11" * MiB)
+    server = start_server(args=["--tls", "required", "--tls-dir", str(pki.server), "-x", "disk", str(image)])
+    return server, pki, image
+
+
+def qemu_tls(pki_dir, port: int) -> list[str]:
+    """qemu's way: a tls-creds-x509 object and an nbd node that names it."""
+    return [
+        "--object", f"tls-creds-x509,id=tls0,dir={pki_dir},endpoint=client",
+        "--image-opts", f"driver=nbd,host=127.0.0.1,port={port},export=disk,tls-creds=tls0",
+    ]
+
+
+def test_qemu_img_and_qemu_io(tls_server):
+    server, pki, _ = tls_server
+    info = json.loads(run(["qemu-img", "info", "--output=json", *qemu_tls(pki.anonymous, server.port)]).stdout)
+    assert info["virtual-size"] == 16 * MiB
+    # qemu-io prints failures on stdout and exits 0: check what it says.
+    io = run(["qemu-io", *qemu_tls(pki.alice, server.port),
+              "-c", "read -P 0x11 0 1M", "-c", "write -P 0x22 4M 1M", "-c", "read -P 0x22 4M 1M",
+              "-c", "flush"]).stdout
+    assert io.count("read 1048576/1048576 bytes") == 2 and "wrote 1048576/1048576" in io, io
+    assert "Pattern verification failed" not in io
+    # Without credentials qemu is told that TLS is required.
+    plain = run(["qemu-img", "info", server.uri("disk")], check=False)
+    assert plain.returncode != 0 and "TLS" in plain.stderr
+    assert "TLS is required" in plain.stderr
+
+
+def test_nbdinfo_and_nbdcopy(tls_server, tmp_path):
+    server, pki, image = tls_server
+    uri = nbds_uri(server.port, "disk", pki.anonymous)
+    info = run(["nbdinfo", uri]).stdout
+    assert "with TLS" in info and "export-size: 16777216" in info
+    assert "disk" in run(["nbdinfo", "--list", nbds_uri(server.port, "", pki.anonymous)]).stdout
+    copy = tmp_path / "copy.img"
+    run(["nbdcopy", uri, str(copy)])
+    assert copy.read_bytes() == image.read_bytes()
+    source = tmp_path / "source.img"
+    source.write_bytes(b"\x33" * (16 * MiB))
+    run(["nbdcopy", str(source), uri])
+    assert image.read_bytes() == source.read_bytes()
+    # Plaintext nbd:// cannot get in.
+    assert run(["nbdinfo", server.uri("disk")], check=False).returncode != 0
