@@ -129,7 +129,7 @@ class Catalog:
     async def discover(self, name: str = "") -> None:
         """Ask the providers what they offer now, unless `name` is a configured export. Open
         exports that are gone or changed (an LV removed, or replaced under the same name) retire."""
-        if not self._providers or self.resolve(name) in self._configs:
+        if not (self._providers or self._open_found) or self.resolve(name) in self._configs:
             return
         found: dict[str, tuple[str, ExportConfig]] = {}
         for key, provider in self._providers.items():
@@ -147,6 +147,12 @@ class Catalog:
             if export is not None and self._config(found_name) != config:
                 log.info("export %r: removed or changed", found_name)
                 await self.retire(export)
+
+    async def update_providers(self, providers: dict[str, ExportProvider]) -> None:
+        """Offer the exports of `providers` from now on (a reload). Open exports of an unchanged
+        provider stay open; those of a removed or changed one retire."""
+        self._providers = dict(providers)
+        await self.discover()
 
     async def retire(self, export: Export) -> None:
         """Take `export` out of service: its connections stop reading, finish the requests they

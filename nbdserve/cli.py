@@ -2,14 +2,13 @@
 
 import argparse
 import importlib
-import logging
-import sys
 
 from . import __version__
+from .logs import setup_logging
 from .settings import ConfigError
 
 # Each module has register(subparsers), which adds its subcommand with a `handler` default.
-COMMANDS = ["serve", "lvm"]
+COMMANDS = ["serve", "check-config", "stats", "lvm"]
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
@@ -22,22 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nbdserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"nbdserve.commands.{name}").register(subparsers)
+        importlib.import_module(f"nbdserve.commands.{name.replace('-', '_')}").register(subparsers)
     return parser
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(getattr(args, "log_level", "info"))
+    setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     try:
         return args.handler(args)
     except ConfigError as exc:

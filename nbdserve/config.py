@@ -55,6 +55,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     state_dir: Path = field(default_factory=lambda: default_state_dir())
     tls: TLSConfig = field(default_factory=TLSConfig)
+    control_socket: Path | None = None  # `nbdserve stats` talks here; None: in the state dir
+    metrics: Listener | None = None  # where Prometheus scrapes /metrics; None: nowhere
     # Exports found while serving (every LV of a volume group), by their key under `exports`.
     providers: dict[str, ExportProvider] = field(default_factory=dict)
 
@@ -130,6 +132,20 @@ def parse_export(name: str, value, path: str, context: ParseContext) -> ExportCo
     return config
 
 
+def parse_metrics(section: Section) -> Listener | None:
+    address = section.str("listen")
+    section.done()
+    if address is None:
+        return None
+    try:
+        host, port = split_host_port(address, default_port=0)
+    except ValueError as exc:
+        raise section.error("listen", str(exc)) from None
+    if not port:
+        raise section.error("listen", f"needs a port: {address!r}")
+    return Listener("tcp", host, port)
+
+
 def export_provider(export: ExportConfig) -> ExportProvider | None:
     """The provider of many exports a source names (every LV of a volume group), if it does."""
     make = getattr(export.source_driver, "provider", None)
@@ -183,8 +199,16 @@ def parse_config(mapping, *, config_dir: Path | None = None) -> ServerConfig:
         raise root.error("default-export", f"names no configured export: {default_export!r}")
     limits = parse_limits(root.section("limits"))
     tls = parse_tls(root.raw("tls"), root.key_path("tls"), config_dir=config_dir, exports=exports)
+    control = root.section("control")
+    control_socket = control.str("socket")
+    control.done()
+    metrics = parse_metrics(root.section("metrics"))
     root.done()
-    return ServerConfig(listeners, exports, default_export, limits, state_dir, tls, providers=providers)
+    return ServerConfig(
+        listeners, exports, default_export, limits, state_dir, tls,
+        control_socket=Path(control_socket) if control_socket else None, metrics=metrics,
+        providers=providers,
+    )
 
 
 def load_config(path: str | Path) -> ServerConfig:

@@ -1,12 +1,13 @@
 """The lvm backend on real lvm2 (loop devices, no device-mapper: see lvm_fixtures.py)."""
 
-import subprocess
-import sys
+import os
+import signal
 import time
 from pathlib import Path
 
 import nbd
 import pytest
+import yaml
 from conftest import NBDSERVE, run
 from lvm_fixtures import lvm  # noqa: F401 (a fixture)
 
@@ -157,7 +158,7 @@ def test_lvm_list_command(lvm):
     lvm.create_lv(vg, "db", 12 * MIB, activate=False)
 
     def lvm_list(*args, check=True):
-        return run([*NBDSERVE, "lvm", "list", *args], env=lvm.env | _path_env(), check=check)
+        return run([*NBDSERVE, "lvm", "list", *args], env={**os.environ, **lvm.env}, check=check)
 
     lines = lvm_list(vg).stdout.splitlines()
     assert lines[0].split() == ["EXPORT", "VG", "SIZE", "ACTIVE", "TAGS", "PATH"]
@@ -171,12 +172,6 @@ def test_lvm_list_command(lvm):
     missing = lvm_list("novg", check=False)
     assert missing.returncode == 1
     assert 'Volume group "novg" not found' in missing.stderr
-
-
-def _path_env() -> dict:
-    import os
-
-    return {"PATH": os.environ.get("PATH", "")}
 
 
 # Errors, straight from the driver.
@@ -220,3 +215,4 @@ def test_config_errors_name_the_key():
     assert error({"driver": "lvm"}) == "exports.vm.source.vg: is required"
     config = parse_config({"exports": {"vms": {"source": "lvm:vg0"}, "one": {"source": "lvm:vg0/lv1"}}})
     assert list(config.exports) == ["one"] and list(config.providers) == ["vms"]
+

@@ -13,6 +13,8 @@ from nbdserve.backend import BackendError
 # Where lvm2 installs its tools; a service's PATH or a user's may lack the sbin directories.
 _SBIN = "/usr/sbin:/sbin"
 _LV_FIELDS = "lv_name,vg_name,lv_path,lv_size,lv_tags,lv_uuid,lv_role"
+# lvm waits for its locks without a limit; a client's handshake should not wait that long.
+LVM_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,13 @@ class LvmTool:
             )
         # lvm warns on stderr about every inherited descriptor; the ones it gets here are ours.
         env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1", **dict(self.env)}
-        result = await trio.run_process(
-            [executable, *args], capture_stdout=True, capture_stderr=True, check=False, env=env,
-            stdin=b"",
-        )
+        with trio.move_on_after(LVM_TIMEOUT) as waiting:
+            result = await trio.run_process(
+                [executable, *args], capture_stdout=True, capture_stderr=True, check=False, env=env,
+                stdin=b"",
+            )
+        if waiting.cancelled_caught:
+            raise BackendError(errno.ETIMEDOUT, f"lvm {args[0]} did not finish within {LVM_TIMEOUT:g} s")
         if result.returncode != 0:
             raise BackendError(_errno_for(result.stderr), f"lvm {args[0]}: {_problem(result.stderr)}")
         return result.stdout.decode()

@@ -1,12 +1,14 @@
 """`nbdserve serve`: serve one SOURCE with qemu-nbd's flags, or the exports of a config file."""
 
 import logging
-from pathlib import PurePosixPath
+from functools import partial
+from pathlib import Path, PurePosixPath
 
 import trio
 
 from .. import registry
 from ..cli import LOG_LEVELS
+from ..logs import LOG_FORMATS
 from ..config import (
     CACHE_MODES,
     DEFAULT_HOST,
@@ -49,6 +51,9 @@ def register(subparsers) -> None:
     serve.add_argument("--tls-dir", metavar="DIR",
                        help="certificates with QEMU's names: ca-cert.pem, server-cert.pem, server-key.pem")
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default info)")
+    serve.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                       help="json: one object per line, for log shippers (default text)")
+    serve.add_argument("--pid-file", type=Path, metavar="PATH", help="write the pid here once serving")
     serve.set_defaults(handler=command_serve)
 
 
@@ -106,14 +111,19 @@ def attach_hints(config: ServerConfig, addresses: list[str]) -> list[str]:
 
 
 def command_serve(args) -> int:
-    from ..server.server import run_server
+    from ..server.service import run_server
 
-    config = config_from_args(args)
-    config.tls = tls_from_flags(config.tls, config.exports, args.tls, args.tls_dir)
+    def load() -> ServerConfig:
+        config = config_from_args(args)
+        config.tls = tls_from_flags(config.tls, config.exports, args.tls, args.tls_dir)
+        return config
+
+    config = load()
+    serve = partial(run_server, config, reload_config=load if args.config else None, pid_file=args.pid_file)
 
     async def main():
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(run_server, config)
+            server = await nursery.start(serve)
             for line in attach_hints(config, server.addresses):
                 log.info("%s", line)
 

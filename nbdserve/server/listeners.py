@@ -17,17 +17,40 @@ BACKLOG = 128
 
 
 def systemd_sockets() -> list[socket.socket]:
-    """Sockets passed by systemd socket activation, or [] when not socket-activated."""
+    """Sockets passed by systemd socket activation, or [] when not socket-activated.
+
+    LISTEN_PID must name this process (the variables may have been inherited by mistake). Each
+    fd must be a listening stream socket (ListenStream= with Accept=no), TCP or unix; its
+    LISTEN_FDNAMES name (FileDescriptorName=) goes to the log. The variables are removed so
+    that child processes do not take the sockets for theirs.
+    """
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
-    count = int(os.environ.get("LISTEN_FDS", "0"))
+    count = os.environ.get("LISTEN_FDS", "0")
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)  # not for our children
+        os.environ.pop(name, None)
+    if not count.isdigit():
+        raise OSError(errno.EINVAL, f"LISTEN_FDS={count!r} is not a number")
     sockets = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
-        os.set_inheritable(fd, False)
-        sockets.append(socket.socket(fileno=fd))
+    for index in range(int(count)):
+        fd = SD_LISTEN_FDS_START + index
+        name = names[index] if index < len(names) else "unknown"
+        sockets.append(_activated_socket(fd, name))
     return sockets
+
+
+def _activated_socket(fd: int, name: str) -> socket.socket:
+    problem = f"systemd passed fd {fd} ({name!r}), which is not a listening stream socket"
+    try:
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{problem}: {exc.strerror}") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise OSError(errno.EINVAL, f"{problem}: use ListenStream= with Accept=no")
+    log.info("systemd socket %r: %s", name, describe(sock))
+    return sock
 
 
 def bind_tcp(listener: Listener) -> list[socket.socket]:
@@ -84,10 +107,7 @@ def remove_stale_socket(path: str) -> None:
 
 
 def open_listeners(listeners: list[Listener]) -> list[socket.socket]:
-    """Bind every configured listener, or take systemd's sockets when it passed any."""
-    inherited = systemd_sockets()
-    if inherited:
-        return inherited
+    """Bind every configured listener."""
     sockets: list[socket.socket] = []
     try:
         for listener in listeners:

@@ -3,17 +3,20 @@
 import errno
 import logging
 import os
-import signal
 import socket
+import time
+from collections.abc import Callable
 
 import trio
 
 from ..access import Client
-from ..catalog import Catalog
+from ..catalog import Catalog, close_export
 from ..config import ServerConfig
+from ..export import Export
+from ..stats import Counters
 from .connection import Connection
 from .limits import ConnectionLimiter
-from .listeners import describe, open_listeners, to_trio
+from .listeners import describe, open_listeners, systemd_sockets, to_trio
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +31,28 @@ class Server:
         self.connections: set[Connection] = set()
         self.limiter = ConnectionLimiter()
         self.addresses: list[str] = []
+        self.activated = False  # serving sockets systemd passed, not the configured ones
+        self.started_at = time.time()
+        self.finished: dict[str, Counters] = {}  # per export: counters of closed connections
+        self.on_change: Callable[[], None] = lambda: None  # connections came or went
         self._accept_scope = trio.CancelScope()
         self._unix_paths: list[str] = []
+        self._connections: trio.Nursery | None = None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `shutdown()`; then finish in-flight requests and flush every export."""
         await self.catalog.open_all()
-        sockets = open_listeners(self.config.listeners)
+        sockets = systemd_sockets()
+        self.activated = bool(sockets)
+        if not self.activated:
+            sockets = open_listeners(self.config.listeners)
+            # Ours to remove at exit; systemd's socket files belong to systemd.
+            self._unix_paths = [sock.getsockname() for sock in sockets if sock.family == socket.AF_UNIX]
         self.addresses = [describe(sock) for sock in sockets]
-        self._unix_paths = [
-            sock.getsockname() for sock in sockets
-            if sock.family == socket.AF_UNIX and "LISTEN_FDS" not in os.environ
-        ]
         listeners = [to_trio(sock) for sock in sockets]
         try:
             async with trio.open_nursery() as connections:
+                self._connections = connections
                 with self._accept_scope:
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
@@ -62,6 +72,33 @@ class Server:
         """Stop accepting; in-flight requests finish (within the grace period)."""
         log.info("shutting down: %d connections open", len(self.connections))
         self._accept_scope.cancel()
+
+    async def reload(self, config: ServerConfig) -> None:
+        """Serve the exports of `config`. Connections to removed or changed exports end once their
+        in-flight requests are answered; the others go on untouched. New connections get the new
+        limits; listeners stay as they are until a restart."""
+        if (config.listeners, config.control_socket, config.metrics) != (
+            self.config.listeners, self.config.control_socket, self.config.metrics
+        ):
+            log.warning("reload: listen, control and metrics changes take effect at restart")
+        retired = await self.catalog.update(config.exports, config.default_export)
+        self.config = config
+        for connection in self.connections:
+            if connection.export in retired:
+                log.info("%s: export %r was removed or changed; closing", connection.peer, connection.export_name)
+                connection.stop_reading()
+        if retired:
+            self._connections.start_soon(self._close_when_unused, retired)
+
+    async def _close_when_unused(self, exports: list[Export]) -> None:
+        try:
+            while any(connection.export in exports for connection in self.connections):
+                await trio.sleep(0.05)
+        finally:
+            with trio.CancelScope(shield=True):
+                for export in exports:
+                    await close_export(export)
+                    log.info("export %r: closed (reloaded)", export.name)
 
     def _drain(self, connections: trio.Nursery) -> None:
         for connection in self.connections:
@@ -92,6 +129,7 @@ class Server:
             stream, peer, self.catalog, self.config.limits, tls=self.config.tls, client=client
         )
         self.connections.add(connection)
+        self.on_change()
         log.info("%s: connected", peer)
         try:
             await connection.run()
@@ -100,6 +138,9 @@ class Server:
             log.exception("%s: internal error", peer)
         finally:
             self.connections.discard(connection)
+            if connection.export_name:
+                self.finished.setdefault(connection.export_name, Counters()).add(connection.counters)
+            self.on_change()
             self.limiter.release(client)
             log.info("%s: disconnected", peer)
 
@@ -129,16 +170,3 @@ def _client(stream: trio.SocketStream) -> Client:
         return Client.from_ip(stream.socket.getpeername()[0])
     except OSError:
         return Client()  # gone already; an unknown address matches no allow list
-
-
-async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `config` until SIGTERM or SIGINT, then shut down in order."""
-    server = Server(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            task_status.started(server)
-            async for signum in signals:
-                log.info("received %s", signal.Signals(signum).name)
-                server.shutdown()
-                break
