@@ -109,6 +109,22 @@ class Catalog:
         """Is `export` still in service (not removed or changed by a reload)?"""
         return self._open.get(export.name) is export
 
+    async def update(self, configs: dict[str, ExportConfig], default_name: str | None = None) -> list[Export]:
+        """Serve `configs` from now on (a reload). Unchanged exports stay open; the open exports
+        that were removed or changed are returned, for the caller to close once no connection
+        uses them. A changed export opens with its new config on next use."""
+        stale = [name for name, config in self._configs.items() if configs.get(name) != config]
+        self._configs = dict(configs)
+        self._default = default_name
+        retired = []
+        for name in stale:
+            # The lock waits out an open under the old config that is still in progress.
+            async with self._locks.setdefault(name, trio.Lock()):
+                export = self._open.pop(name, None)
+            if export is not None:
+                retired.append(export)
+        return retired
+
     async def open_all(self) -> None:
         """Open every export now, so a broken one is reported at start."""
         for name in self._configs:
