@@ -216,3 +216,22 @@ def test_config_errors_name_the_key():
     config = parse_config({"exports": {"vms": {"source": "lvm:vg0"}, "one": {"source": "lvm:vg0/lv1"}}})
     assert list(config.exports) == ["one"] and list(config.providers) == ["vms"]
 
+
+def test_reload_swaps_the_group_export(lvm, start_server, tmp_path):
+    vg = lvm.create_vg()
+    lvm.create_lv(vg, "tagged", 4 * MIB, tags=["nbd"])
+    lvm.create_lv(vg, "plain", 4 * MIB)
+    server = start_server(group_export(lvm, vg))
+    handles = {name: connect(server, name) for name in ("tagged", "plain")}
+    config_path = tmp_path / "nbdserve-0.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["exports"]["vms"]["source"]["tag"] = "nbd"
+    config_path.write_text(yaml.safe_dump(config))
+    server.send_signal(signal.SIGHUP)
+    wait_for(lambda: listed(server) == ["tagged"])
+    # The export the new config drops ends; the one it keeps is untouched.
+    wait_for(lambda: "export 'plain': removed or changed" in server.log())
+    with pytest.raises(nbd.Error):
+        handles["plain"].pread(512, 0)
+    handles["tagged"].pwrite(b"\x01" * 512, 0)
+    assert handles["tagged"].pread(512, 0) == b"\x01" * 512
