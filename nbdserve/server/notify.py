@@ -21,6 +21,7 @@ class Notifier:
         self.watchdog_interval = _watchdog_interval(environ)
         self._socket: socket.socket | None = None
         self._status = ""
+        self._failed = False  # said once in the log; not again for every status change
         if self.address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
@@ -32,7 +33,9 @@ class Notifier:
         try:
             self._socket.sendto(message, socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
-            log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+            if not self._failed:
+                log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+            self._failed = True
 
     def ready(self, status: str) -> None:
         self._status = status

@@ -77,8 +77,10 @@ class Server:
         """Serve the exports of `config`. Connections to removed or changed exports end once their
         in-flight requests are answered; the others go on untouched. New connections get the new
         limits; listeners stay as they are until a restart."""
-        if (config.listeners, config.control_socket, config.metrics) != (
-            self.config.listeners, self.config.control_socket, self.config.metrics
+        # Under socket activation systemd's sockets are served, whatever `listen:` says.
+        listen_changed = not self.activated and config.listeners != self.config.listeners
+        if listen_changed or (config.control_socket, config.metrics) != (
+            self.config.control_socket, self.config.metrics
         ):
             log.warning("reload: listen, control and metrics changes take effect at restart")
         retired = await self.catalog.update(config.exports, config.default_export)
