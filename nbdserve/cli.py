@@ -8,7 +8,7 @@ from .logs import setup_logging
 from .settings import ConfigError
 
 # Each module has register(subparsers), which adds its subcommand with a `handler` default.
-COMMANDS = ["serve", "check-config", "stats", "lvm"]
+COMMANDS = ["serve", "check-config", "stats", "lvm", "create", "info"]
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 

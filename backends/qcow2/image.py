@@ -1,0 +1,702 @@
+"""A qcow2 image over a child byte source, as a Backend.
+
+Guest offsets map through the L1 table (in memory) and L2 tables (cached) to host offsets in the
+child. Reads and in-place writes of allocated clusters never take a lock and, on a cache hit, never
+wait for metadata. Writes that change metadata (allocation, copy-on-write, zero clusters) plan
+under `_lock`, write their data outside it, in parallel with others, then record the new L2
+entries under the lock again. A cluster being filled is registered in `_filling`, and anyone else
+who would change it waits for that.
+
+Metadata reaches the child in `_commit`, in the order that keeps the image consistent after a crash
+at any moment: refcount increments, barrier, L2 tables, barrier, L1 entries, barrier, refcount
+decrements. Data is written before its L2 entry exists, so it comes first too. Writeback commits on
+FLUSH (and when a dirty table leaves the cache); writethrough and directsync commit before every
+reply that changed metadata.
+"""
+
+import errno
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from nbdserve.backend import Backend, BackendError, Capabilities, Extent, OpenOptions
+
+from . import header as hdr
+from .compression import decompress
+from .metaio import MetadataIO
+from .refcounts import OFFSET_MASK, Refcounts
+from .tables import Table, TableCache
+
+log = logging.getLogger(__name__)
+
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO_FLAG = 1
+ALL_ZERO = 0xFFFFFFFF << 32  # extended L2: every subcluster reads as zeroes
+SUBCLUSTERS = 32
+
+# What a run of guest bytes maps to.
+UNALLOCATED, ZERO, DATA, COMPRESSED_DATA = range(4)
+
+_ZEROES = bytes(2 * 1024 * 1024)
+
+
+def _fill_zeroes(view: memoryview) -> None:
+    for start in range(0, len(view), len(_ZEROES)):
+        part = view[start:start + len(_ZEROES)]
+        part[:] = _ZEROES[:len(part)]
+
+
+def _is_zero(data) -> bool:
+    return data == _ZEROES[:len(data)]
+
+
+@dataclass
+class ClusterChange:
+    """A cluster whose L2 entry a write changes once its data is on the child."""
+
+    cluster: int
+    host: int  # host offset of the cluster
+    word: int  # the new L2 entry
+    bitmap: int  # the new subcluster bitmap (extended L2)
+    release: list = field(default_factory=list)  # (first host cluster, count) no longer referenced
+    allocated: bool = False  # `host` was allocated for this write
+
+
+@dataclass
+class Fill:
+    """Guest bytes [start, end) written whole at `host`: the request's data plus old contents."""
+
+    start: int
+    end: int
+    host: int
+    fresh: bool  # the host clusters were never written: zero fill need not be written
+
+
+class Qcow2Image:
+    def __init__(self, child: Backend, io: MetadataIO, header: hdr.Header, head: bytearray, l1: Table,
+                 backing: Backend | None, options: OpenOptions, l2_tables: int, refcount_tables: int) -> None:
+        self.child = child
+        self.io = io
+        self.header = header
+        self._head = head  # the first cluster, for rewriting header fields
+        self.l1 = l1
+        self.backing = backing
+        self.options = options
+        self.size = header.size
+        self.cluster_bits = cb = header.cluster_bits
+        self.cluster_size = 1 << cb
+        self.extended = header.extended_l2
+        self.entry_words = 2 if self.extended else 1
+        self.l2_bits = cb - 3 - (self.entry_words - 1)
+        self.l2_mask = (1 << self.l2_bits) - 1
+        self.unit_bits = cb - 5 if self.extended else cb  # the unit of allocation state
+        compressed_bits = 62 - (cb - 8)
+        self._compressed_offset_mask = (1 << compressed_bits) - 1
+        self._compressed_shift = compressed_bits
+        self._compressed_sectors_mask = (1 << (cb - 8)) - 1
+        self.l2_cache = TableCache(l2_tables)
+        self.refcounts = Refcounts(io, cb, header.refcount_order,
+                                   Table(header.refcount_table_offset, bytearray()), refcount_tables,
+                                   self._move_refcount_table)
+        self.writable = not options.read_only and child.capabilities.can_write
+        self._sync = options.cache.sync_writes
+        self._lazy = bool(header.compatible & hdr.COMPAT_LAZY_REFCOUNTS) and header.version == 3
+        self._lock = trio.Lock()
+        self._filling: dict[int, trio.Event] = {}
+        self._active = 0  # data requests in flight, for the refcount quarantine
+        writable = self.writable
+        self.capabilities = Capabilities(
+            can_write=writable,
+            can_flush=writable,
+            can_trim=writable,
+            can_zero=writable,
+            can_fast_zero=writable,
+            can_extents=True,
+            can_multi_conn=True,  # one image object, caches included, serves every connection
+            block_size_min=child.capabilities.block_size_min,
+            block_size_preferred=max(4096, child.capabilities.block_size_preferred),
+            block_size_max=child.capabilities.block_size_max,
+        )
+
+    def get_size(self) -> int:
+        return self.size
+
+    # The header.
+
+    async def _write_header(self) -> None:
+        length = -(-hdr.V3_HEADER_LENGTH // self.io.align) * self.io.align
+        await self.io.write(bytes(self._head[:min(length, len(self._head))]), 0)
+        await self.io.barrier()
+
+    async def set_incompatible(self, bit: int, on: bool) -> None:
+        value = self.header.incompatible | bit if on else self.header.incompatible & ~bit
+        if value != self.header.incompatible:
+            self.header.incompatible = value
+            self._head[hdr.OFFSET_INCOMPAT:hdr.OFFSET_INCOMPAT + 8] = value.to_bytes(8, "big")
+            await self._write_header()
+
+    async def clear_autoclear(self) -> None:
+        """nbdserve keeps no bitmaps up to date, so the bits saying they are valid must go."""
+        self.header.autoclear = 0
+        self._head[hdr.OFFSET_AUTOCLEAR:hdr.OFFSET_AUTOCLEAR + 8] = bytes(8)
+        await self._write_header()
+
+    async def _move_refcount_table(self, offset: int, clusters: int) -> None:
+        at = hdr.OFFSET_REFCOUNT_TABLE
+        self._head[at:at + 12] = offset.to_bytes(8, "big") + clusters.to_bytes(4, "big")
+        await self._write_header()
+
+    # L2 tables and entries.
+
+    def _cached_entry(self, cluster: int) -> tuple[int, int] | None:
+        """The L2 entry and subcluster bitmap of a guest cluster, or None if its table is not cached."""
+        l2_offset = self.l1.u64(cluster >> self.l2_bits) & OFFSET_MASK
+        if not l2_offset:
+            return 0, 0
+        table = self.l2_cache.get(l2_offset)
+        if table is None:
+            return None
+        index = (cluster & self.l2_mask) * self.entry_words
+        if self.extended:
+            return table.u64(index), table.u64(index + 1)
+        return table.u64(index), 0
+
+    async def _entry(self, cluster: int) -> tuple[int, int]:
+        entry = self._cached_entry(cluster)
+        if entry is None:
+            async with self._lock:
+                await self._l2_table(cluster >> self.l2_bits)
+                entry = self._cached_entry(cluster)
+        return entry
+
+    async def _l2_table(self, l1_index: int, *, create: bool = False) -> Table | None:
+        """The L2 table of `l1_index` (lock held), allocated if `create` and there is none."""
+        offset = self.l1.u64(l1_index) & OFFSET_MASK
+        if not offset:
+            if not create:
+                return None
+            start, _, _ = await self.refcounts.allocate(1)
+            table = Table(start << self.cluster_bits, bytearray(self.cluster_size))
+            table.mark_all()
+            await self._cache_l2(table)
+            self.l1.set_u64(l1_index, table.offset | COPIED)
+            return table
+        table = self.l2_cache.get(offset)
+        if table is None:
+            if offset & (self.cluster_size - 1):
+                raise hdr.corrupt(f"L2 table at unaligned offset {offset:#x}")
+            table = Table(offset, await self.io.read(offset, self.cluster_size))
+            await self._cache_l2(table)
+        return table
+
+    async def _cache_l2(self, table: Table) -> None:
+        while self.l2_cache.full():
+            victim = self.l2_cache.victim()
+            if victim.dirty:
+                # The refcounts of what the table points at go first.
+                if await self.refcounts.write_dirty() and not self._lazy:
+                    await self.io.barrier()
+                await self.io.write_table(victim)
+            self.l2_cache.drop(victim.offset)
+        self.l2_cache.put(table)
+
+    async def _set_entry(self, cluster: int, word: int, bitmap: int) -> None:
+        table = await self._l2_table(cluster >> self.l2_bits, create=True)
+        index = (cluster & self.l2_mask) * self.entry_words
+        table.set_u64(index, word)
+        if self.extended:
+            table.set_u64(index + 1, bitmap)
+
+    def _unit(self, word: int, bitmap: int, unit: int) -> tuple[int, int]:
+        """(kind, host offset) of one unit (a cluster, or a subcluster with extended L2)."""
+        if word & COMPRESSED:
+            return COMPRESSED_DATA, word
+        host = word & OFFSET_MASK
+        if self.extended:
+            sub = unit & (SUBCLUSTERS - 1)
+            if bitmap >> sub & 1:
+                return DATA, host + (sub << self.unit_bits)
+            return (ZERO if bitmap >> (SUBCLUSTERS + sub) & 1 else UNALLOCATED), 0
+        if word & ZERO_FLAG:
+            return ZERO, 0
+        return (DATA, host) if host else (UNALLOCATED, 0)
+
+    async def _map(self, pos: int, end: int) -> tuple[int, int, int]:
+        """(kind, host offset or compressed descriptor, length) of the run of guest bytes at `pos`."""
+        cb, ub = self.cluster_bits, self.unit_bits
+        cluster = pos >> cb
+        word, bitmap = self._cached_entry(cluster) or await self._entry(cluster)
+        unit = pos >> ub
+        kind, host = self._unit(word, bitmap, unit)
+        if kind == COMPRESSED_DATA:
+            return kind, host, min(end, (cluster + 1) << cb) - pos
+        if kind == DATA:
+            if word & OFFSET_MASK & (self.cluster_size - 1):
+                raise hdr.corrupt(f"data cluster at unaligned offset {host:#x}")
+            host += pos & ((1 << ub) - 1)
+        table_end = min(end, ((cluster >> self.l2_bits) + 1) << (self.l2_bits + cb))
+        run_end = min(table_end, (unit + 1) << ub)
+        while run_end < table_end:
+            if run_end >> cb != cluster:
+                cluster = run_end >> cb
+                word, bitmap = self._cached_entry(cluster) or (0, 0)
+            next_kind, next_host = self._unit(word, bitmap, run_end >> ub)
+            if next_kind != kind or kind == DATA and next_host != host + run_end - pos:
+                break
+            run_end = min(table_end, run_end + (1 << ub))
+        return kind, host, run_end - pos
+
+    def _compressed_range(self, word: int) -> tuple[int, int]:
+        """Host bytes [start, end) of a compressed cluster, in whole 512-byte sectors."""
+        offset = word & self._compressed_offset_mask
+        sectors = (word >> self._compressed_shift & self._compressed_sectors_mask) + 1
+        start = offset & ~511
+        return start, start + sectors * 512
+
+    def _references(self, word: int) -> list[tuple[int, int]]:
+        """The host clusters an L2 entry holds a reference to."""
+        cb = self.cluster_bits
+        if word & COMPRESSED:
+            start, end = self._compressed_range(word)
+            return [(start >> cb, ((end - 1) >> cb) - (start >> cb) + 1)]
+        host = word & OFFSET_MASK
+        return [(host >> cb, 1)] if host else []
+
+    # Reads.
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        self._active += 1
+        try:
+            await self._read(buf, offset)
+        finally:
+            self._io_done()
+
+    async def _read(self, buf: memoryview, offset: int) -> None:
+        pos, end = offset, offset + len(buf)
+        while pos < end:
+            kind, host, length = await self._map(pos, end)
+            view = buf[pos - offset:pos - offset + length]
+            if kind == DATA:
+                await self.io.read_into(view, host)
+            elif kind == ZERO:
+                _fill_zeroes(view)
+            elif kind == UNALLOCATED:
+                await self._read_backing(view, pos)
+            else:
+                data = await self._decompress(host)
+                start = pos & (self.cluster_size - 1)
+                view[:] = data[start:start + length]
+            pos += length
+
+    async def _read_backing(self, view: memoryview, pos: int) -> None:
+        inside = 0
+        if self.backing is not None:
+            inside = max(0, min(len(view), self.backing.get_size() - pos))
+            if inside:
+                await self.backing.pread(view[:inside], pos)
+        _fill_zeroes(view[inside:])
+
+    async def _decompress(self, word: int) -> bytes:
+        start, end = self._compressed_range(word)
+        offset = word & self._compressed_offset_mask
+        align = self.io.align
+        aligned_start = start - start % align
+        aligned_end = -(-end // align) * align
+        data = await self.io.read(aligned_start, aligned_end - aligned_start)
+        return decompress(self.header.compression_type, data[offset - aligned_start:end - aligned_start],
+                          self.cluster_size)
+
+    def _io_done(self) -> None:
+        self._active -= 1
+        if not self._active and self.refcounts.quarantine:
+            self.refcounts.end_quarantine()
+
+    # Writes.
+
+    async def pwrite(self, buf, offset: int, *, fua: bool = False) -> None:
+        data = memoryview(buf)
+        self._active += 1
+        try:
+            runs = self._in_place_runs(offset, len(data))
+            if runs is None:
+                await self._write_allocating(data, offset)
+            else:
+                for host, start, length in runs:
+                    await self.io.write(data[start:start + length], host)
+        finally:
+            self._io_done()
+
+    def _in_place_runs(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """(host, start in request, length) runs if every unit touched is allocated, owned by this
+        image alone and its L2 table is cached; None if the write must change metadata."""
+        cb, ub = self.cluster_bits, self.unit_bits
+        runs: list[list[int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            entry = self._cached_entry(pos >> cb)
+            if entry is None or not entry[0] & COPIED:
+                return None
+            kind, host = self._unit(entry[0], entry[1], pos >> ub)
+            if kind != DATA:
+                return None
+            host += pos & ((1 << ub) - 1)
+            count = min(end, ((pos >> ub) + 1) << ub) - pos
+            if runs and runs[-1][0] + runs[-1][2] == host:
+                runs[-1][2] += count
+            else:
+                runs.append([host, pos - offset, count])
+            pos += count
+        return [tuple(run) for run in runs]
+
+    async def _write_allocating(self, data: memoryview, offset: int) -> None:
+        table_span = 1 << (self.l2_bits + self.cluster_bits)
+        pos, end = offset, offset + len(data)
+        while pos < end:
+            chunk_end = min(end, (pos // table_span + 1) * table_span)
+            await self._write_chunk(data[pos - offset:chunk_end - offset], pos)
+            pos = chunk_end
+
+    async def _wait_idle(self, first: int, last: int) -> None:
+        """Return with the lock held and no cluster in [first, last] being filled."""
+        while True:
+            await self._lock.acquire()
+            busy = next((e for c, e in self._filling.items() if first <= c <= last), None)
+            if busy is None:
+                return
+            self._lock.release()
+            await busy.wait()
+
+    async def _write_chunk(self, data: memoryview, guest: int) -> None:
+        """A write within one L2 table that allocates, fills or copies clusters."""
+        cb = self.cluster_bits
+        first, last = guest >> cb, (guest + len(data) - 1) >> cb
+        await self._wait_idle(first, last)
+        try:
+            in_place, fills, changes = await self._plan(guest, len(data))
+        finally:
+            self._lock.release()
+        try:
+            for host, start, length in in_place:
+                await self.io.write(data[start:start + length], host)
+            for fill in fills:
+                await self._write_fill(fill, data, guest)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                async with self._lock:
+                    await self._abandon(changes)
+            raise
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                for change in changes:
+                    await self._set_entry(change.cluster, change.word, change.bitmap)
+                    for index, count in change.release:
+                        self.refcounts.release(index, count)
+                    self._filling.pop(change.cluster).set()
+                if self._sync:
+                    await self._commit()
+
+    async def _abandon(self, changes: list[ClusterChange]) -> None:
+        for change in changes:
+            if change.allocated:
+                await self.refcounts.adjust(change.host >> self.cluster_bits, -1)
+            self._filling.pop(change.cluster).set()
+
+    async def _plan(self, guest: int, length: int):
+        """Decide, under the lock, how a write lands: in-place runs, fills and entry changes."""
+        cb, ub = self.cluster_bits, self.unit_bits
+        cs = self.cluster_size
+        end = guest + length
+        in_place: list[tuple[int, int, int]] = []
+        windows: list[tuple[ClusterChange, int, int]] = []  # (change, window start, end) in guest bytes
+        needs_host: list[ClusterChange] = []
+        for cluster in range(guest >> cb, ((end - 1) >> cb) + 1):
+            base = cluster << cb
+            start, stop = max(guest, base), min(end, base + cs)
+            table = await self._l2_table(cluster >> self.l2_bits, create=True)
+            index = (cluster & self.l2_mask) * self.entry_words
+            word = table.u64(index)
+            bitmap = table.u64(index + 1) if self.extended else 0
+            host = word & OFFSET_MASK
+            owned = word & COPIED and not word & COMPRESSED and host
+            change = ClusterChange(cluster, host, host | COPIED, 0)
+            if not self.extended:
+                if owned and not word & ZERO_FLAG:
+                    in_place.append((host + start - base, start - guest, stop - start))
+                    continue
+                window = (base, base + cs)
+                if not owned:
+                    change.release = self._references(word)
+                    needs_host.append(change)
+            elif not owned and host or word & COMPRESSED:
+                change.bitmap = 0xFFFFFFFF  # copy the whole cluster; every subcluster is allocated
+                change.release = self._references(word)
+                needs_host.append(change)
+                window = (base, base + cs)
+            else:
+                first_sub, last_sub = (start - base) >> ub, (stop - 1 - base) >> ub
+                if owned:
+                    missing = [s for s in range(first_sub, last_sub + 1) if not bitmap >> s & 1]
+                    if not missing:
+                        in_place.append((host + start - base, start - guest, stop - start))
+                        continue
+                    # Subclusters from the first to the last missing one are written whole (the
+                    # allocated ones between them are covered by the request); those around them
+                    # are written in place.
+                    for lo, hi in ((start, base + (missing[0] << ub)), (base + ((missing[-1] + 1) << ub), stop)):
+                        if hi > lo:
+                            in_place.append((host + lo - base, lo - guest, hi - lo))
+                    first_sub, last_sub = missing[0], missing[-1]
+                else:
+                    needs_host.append(change)
+                mask = ((1 << (last_sub - first_sub + 1)) - 1) << first_sub
+                change.bitmap = (bitmap | mask) & ~(mask << SUBCLUSTERS)
+                window = (base + (first_sub << ub), base + ((last_sub + 1) << ub))
+            windows.append((change, *window))
+        # New host clusters, contiguous where the allocator can.
+        fresh_of: dict[int, bool] = {}
+        index = 0
+        try:
+            while index < len(needs_host):
+                start, count, fresh = await self.refcounts.allocate(len(needs_host) - index)
+                for k in range(count):
+                    change = needs_host[index + k]
+                    change.host = (start + k) << cb
+                    change.word = change.host | COPIED
+                    change.allocated = True
+                    fresh_of[change.cluster] = fresh
+                index += count
+        except BaseException:
+            for change in needs_host[:index]:
+                await self.refcounts.adjust(change.host >> cb, -1)
+            raise
+        changes = []
+        fills: list[Fill] = []
+        for change, lo, hi in windows:
+            self._filling[change.cluster] = trio.Event()
+            changes.append(change)
+            host = change.host + (lo & (cs - 1))
+            fresh = fresh_of.get(change.cluster, False)
+            last = fills[-1] if fills else None
+            if last and last.end == lo and last.host + (last.end - last.start) == host and last.fresh == fresh:
+                last.end = hi
+            else:
+                fills.append(Fill(lo, hi, host, fresh))
+        return in_place, fills, changes
+
+    async def _write_fill(self, fill: Fill, data: memoryview, guest: int) -> None:
+        """Write the window: old contents around the request's bytes."""
+        lo, hi = max(fill.start, guest), min(fill.end, guest + len(data))
+        head = bytearray(lo - fill.start)
+        tail = bytearray(fill.end - hi)
+        if head:
+            await self._read(memoryview(head), fill.start)
+        if tail:
+            await self._read(memoryview(tail), hi)
+        middle = data[lo - guest:hi - guest]
+        if fill.fresh and _is_zero(head) and _is_zero(tail):
+            await self.io.write(middle, fill.host + lo - fill.start)  # the rest reads as zeroes already
+        elif not head and not tail:
+            await self.io.write(middle, fill.host)
+        else:
+            await self.io.write(b"".join((head, middle, tail)), fill.host)
+
+    # Zeroes and discards.
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False,
+                   fua: bool = False) -> None:
+        await self._discard(offset, length, zero=True, may_trim=may_trim, fast=fast)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._discard(offset, length, zero=False, may_trim=True, fast=False)
+
+    async def _discard(self, offset: int, length: int, *, zero: bool, may_trim: bool, fast: bool) -> None:
+        # Whole units change metadata only; partial units of a zero request are written.
+        unit = 1 << (self.unit_bits if zero else self.cluster_bits)
+        end = offset + length
+        inner_start = min(end, -(-offset // unit) * unit)
+        inner_end = max(inner_start, end // unit * unit)
+        if zero:
+            for lo, hi in ((offset, inner_start), (inner_end, end)):
+                if hi > lo:
+                    await self._write_zeroes(lo, hi, fast)
+        table_span = 1 << (self.l2_bits + self.cluster_bits)
+        pos = inner_start
+        while pos < inner_end:
+            chunk_end = min(inner_end, (pos // table_span + 1) * table_span)
+            rewrite = await self._discard_chunk(pos, chunk_end, zero, may_trim)
+            for lo, hi in rewrite:
+                await self._write_zeroes(lo, hi, fast)
+            pos = chunk_end
+
+    async def _write_zeroes(self, lo: int, hi: int, fast: bool) -> None:
+        if await self._reads_zero(lo, hi):
+            return
+        if fast:
+            raise BackendError(errno.EOPNOTSUPP, "zeroing this range needs writing data")
+        for start in range(lo, hi, len(_ZEROES)):
+            await self.pwrite(memoryview(_ZEROES)[:min(len(_ZEROES), hi - start)], start)
+
+    async def _reads_zero(self, lo: int, hi: int) -> bool:
+        pos = lo
+        while pos < hi:
+            kind, _, length = await self._map(pos, hi)
+            if kind in (DATA, COMPRESSED_DATA):
+                return False
+            if kind == UNALLOCATED and self.backing is not None and pos < self.backing.get_size():
+                return False
+            pos += length
+        return True
+
+    async def _discard_chunk(self, start: int, end: int, zero: bool, may_trim: bool) -> list[tuple[int, int]]:
+        """Change the entries of whole units in [start, end) (one L2 table); returns the ranges
+        that can only be zeroed by writing."""
+        cb, ub = self.cluster_bits, self.unit_bits
+        rewrite: list[tuple[int, int]] = []
+        await self._wait_idle(start >> cb, (end - 1) >> cb)
+        try:
+            l1_index = start >> (cb + self.l2_bits)
+            table = await self._l2_table(l1_index)
+            for cluster in range(start >> cb, ((end - 1) >> cb) + 1):
+                base = cluster << cb
+                lo, hi = max(start, base), min(end, base + self.cluster_size)
+                word, bitmap = self._cached_entry(cluster) if table else (0, 0)
+                if not zero and self.header.version == 2 and self.backing is not None:
+                    continue  # v2 cannot hide the backing file without writing: TRIM is a hint
+                whole = hi - lo == self.cluster_size
+                if not word and not bitmap and self.backing is None and (zero or whole):
+                    continue  # unallocated already reads as zeroes
+                if not whole:
+                    if word & COMPRESSED:
+                        rewrite.append((lo, hi))
+                        continue
+                    mask = ((1 << ((hi - lo) >> ub)) - 1) << ((lo - base) >> ub)
+                    new = word, (bitmap & ~mask) | (mask << SUBCLUSTERS)
+                else:
+                    new = self._discarded(word, zero, may_trim)
+                    if new is None:
+                        rewrite.append((lo, hi))
+                        continue
+                if new == (word, bitmap):
+                    continue
+                if new[0] & OFFSET_MASK != word & OFFSET_MASK or word & COMPRESSED:
+                    for index, count in self._references(word):
+                        self.refcounts.release(index, count)
+                await self._set_entry(cluster, *new)
+            if self._sync:
+                await self._commit()
+        finally:
+            self._lock.release()
+        return rewrite
+
+    def _discarded(self, word: int, zero: bool, may_trim: bool) -> tuple[int, int] | None:
+        """The entry of a whole cluster after zeroing or trimming; None if it must be written."""
+        host = word & OFFSET_MASK
+        keep = zero and not may_trim and host and word & COPIED and not word & COMPRESSED
+        reads_zero = zero or self.backing is not None  # an unallocated cluster would show the backing
+        if self.extended:
+            return (host | COPIED if keep else 0), (ALL_ZERO if reads_zero else 0)
+        if self.header.version == 2:
+            if self.backing is None:
+                return 0, 0
+            return None
+        if not reads_zero:
+            return 0, 0
+        return (host | COPIED | ZERO_FLAG if keep else ZERO_FLAG), 0
+
+    # Block status.
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        table_span = 1 << (self.l2_bits + self.cluster_bits)
+        end = min(offset + length, self.size, (offset // table_span + 1) * table_span)
+        result = []
+        pos = offset
+        while pos < end:
+            kind, _, count = await self._map(pos, end)
+            if kind == UNALLOCATED:
+                result.extend(await self._backing_extents(pos, count))
+            else:
+                result.append(Extent(count, hole=kind == ZERO, zero=kind == ZERO))
+            pos += count
+        return result
+
+    async def _backing_extents(self, pos: int, count: int) -> list[Extent]:
+        backing = self.backing
+        inside = 0 if backing is None else max(0, min(count, backing.get_size() - pos))
+        result = []
+        covered = 0
+        while covered < inside:
+            if not backing.capabilities.can_extents:
+                result.append(Extent(inside - covered))
+                break
+            for extent in await backing.extents(pos + covered, inside - covered):
+                size = min(extent.length, inside - covered)
+                if size <= 0:
+                    break
+                result.append(Extent(size, hole=extent.hole, zero=extent.zero))
+                covered += size
+        if count > inside:
+            result.append(Extent(count - inside, hole=True, zero=True))
+        return result
+
+    # Durability.
+
+    async def _commit(self) -> None:
+        """Write every changed table, in crash-safe order (lock held)."""
+        refcounts = self.refcounts
+        l2_dirty = self.l2_cache.dirty()
+        if not (refcounts.dirty() or l2_dirty or self.l1.dirty or refcounts.pending):
+            return
+        if self._lazy:
+            await self.set_incompatible(hdr.INCOMPAT_DIRTY, True)
+        if await refcounts.write_dirty() and not self._lazy and (l2_dirty or self.l1.dirty):
+            await self.io.barrier()
+        for table in l2_dirty:
+            await self.io.write_table(table)
+        if self.l1.dirty:
+            # After the new L2 tables, whether written just now or when they left the cache.
+            await self.io.barrier()
+            await self.io.write_table(self.l1)
+        if refcounts.pending:
+            await self.io.barrier()
+            freed = await refcounts.apply_pending()
+            await refcounts.write_dirty()
+            await self._discard_host(freed)
+        if not self._active:
+            refcounts.end_quarantine()
+
+    async def _discard_host(self, freed: list[int]) -> None:
+        """Give freed clusters back to the child (a hole in a file, a discard on a device)."""
+        if not self.child.capabilities.can_trim:
+            return
+        cb = self.cluster_bits
+        freed.sort()
+        start = 0
+        for i in range(1, len(freed) + 1):
+            if i == len(freed) or freed[i] != freed[i - 1] + 1:
+                await self.child.trim(freed[start] << cb, (freed[i - 1] - freed[start] + 1) << cb)
+                start = i
+
+    async def flush(self) -> None:
+        if not self.writable:
+            return
+        async with self._lock:
+            await self._commit()
+        await self.child.flush()
+
+    async def close(self) -> None:
+        try:
+            if self.writable:
+                await self.flush()
+                if self._lazy:
+                    await self.set_incompatible(hdr.INCOMPAT_DIRTY, False)
+        finally:
+            try:
+                if self.backing is not None:
+                    await self.backing.close()
+            finally:
+                await self.child.close()
+
+    async def cache(self, offset: int, length: int) -> None:
+        raise BackendError(errno.EOPNOTSUPP, "CACHE is emulated by the export")

@@ -1,0 +1,52 @@
+"""Metadata I/O on the child: reads and writes aligned to the child's minimum block size, and
+write barriers that order one group of metadata writes before the next."""
+
+from nbdserve.backend import Backend, CacheMode
+
+from .tables import Table
+
+
+class MetadataIO:
+    def __init__(self, child: Backend, cache: CacheMode) -> None:
+        self.child = child
+        self.align = max(child.capabilities.block_size_min, 1)
+        # With O_DSYNC every write is durable when it returns, so the order of the writes is the
+        # order on disk; with `unsafe` nothing is promised. Only writeback and none need flushes.
+        self._barriers = not cache.sync_writes and cache.honours_flush
+        # Bytes past the child's end read as zeroes: files grow as clusters are allocated.
+        self.host_end = child.get_size()
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        data = bytearray(length)
+        await self.read_into(memoryview(data), offset)
+        return data
+
+    async def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset`; what lies past the end of the child reads as zeroes."""
+        inside = max(0, min(len(view), self.host_end - offset))
+        if inside:
+            await self.child.pread(view[:inside], offset)
+        if inside < len(view):
+            view[inside:] = bytes(len(view) - inside)
+
+    async def write(self, data, offset: int) -> None:
+        await self.child.pwrite(data, offset)
+        self.host_end = max(self.host_end, offset + len(data))
+
+    async def write_table(self, table: Table) -> bool:
+        """Write the changed part of `table`, widened to the child's alignment; False if clean."""
+        if not table.dirty:
+            return False
+        start = table.dirty_start - table.dirty_start % self.align
+        end = min(len(table.data), -(-table.dirty_end // self.align) * self.align)
+        table.clean()
+        try:
+            await self.write(bytes(table.data[start:end]), table.offset + start)
+        except BaseException:
+            table.mark(start, end)
+            raise
+        return True
+
+    async def barrier(self) -> None:
+        if self._barriers:
+            await self.child.flush()

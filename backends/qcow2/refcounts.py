@@ -1,0 +1,192 @@
+"""Host cluster allocation: the refcount table, refcount blocks (cached) and the free cluster search.
+
+Every method runs with the image's metadata lock held. The on-disk order that keeps the image
+consistent after a crash is kept by the caller's commit; this module keeps three rules:
+- increments may reach the disk at any time (at worst a crash leaks clusters), so a dirty block can
+  be written whenever it leaves the cache;
+- decrements wait in `pending` until the L2 entries that dropped the references are written;
+- a freed cluster stays in quarantine until no data I/O that began before the free is in flight,
+  so a slow request never reads or writes a cluster that already belongs to someone else.
+"""
+
+from collections.abc import Awaitable, Callable
+
+from .header import corrupt
+from .metaio import MetadataIO
+from .tables import RefcountCodec, Table, TableCache
+
+OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
+MAX_HOST_CLUSTERS_BITS = 56  # L2 entries address at most 64 PiB
+
+
+class Refcounts:
+    def __init__(self, io: MetadataIO, cluster_bits: int, order: int, table: Table, cache_tables: int,
+                 move_table: Callable[[int, int], Awaitable[None]]) -> None:
+        self.io = io
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.codec = RefcountCodec(order)
+        self.per_block = self.cluster_size * 8 // self.codec.bits
+        self.table = table
+        self.cache = TableCache(cache_tables)
+        self._move_table = move_table  # rewrites the header when the table moves
+        self.pending: list[int] = []  # cluster indices waiting for a decrement
+        self.quarantine: set[int] = set()
+        self.next_free = 0  # no free cluster below this index (a search hint)
+        # Clusters from here on were never written: the child reads zeroes there.
+        self.fresh_from = -(-io.host_end // self.cluster_size)
+
+    @property
+    def table_entries(self) -> int:
+        return len(self.table.data) // 8
+
+    # Reading and changing refcounts.
+
+    async def block(self, table_index: int) -> Table | None:
+        if table_index >= self.table_entries:
+            return None
+        offset = self.table.u64(table_index) & OFFSET_MASK
+        if not offset:
+            return None
+        block = self.cache.get(offset)
+        if block is None:
+            if offset & (self.cluster_size - 1):
+                raise corrupt(f"refcount block at unaligned offset {offset:#x}")
+            block = Table(offset, await self.io.read(offset, self.cluster_size))
+            await self._insert(block)
+        return block
+
+    async def _insert(self, block: Table) -> None:
+        while self.cache.full():
+            victim = self.cache.victim()
+            await self.io.write_table(victim)
+            self.cache.drop(victim.offset)
+        self.cache.put(block)
+
+    async def get(self, index: int) -> int:
+        block = await self.block(index // self.per_block)
+        return 0 if block is None else self.codec.get(block, index % self.per_block)
+
+    async def adjust(self, index: int, delta: int) -> int:
+        block = await self.block(index // self.per_block)
+        if block is None:
+            raise corrupt(f"cluster {index:#x} has no refcount block")
+        slot = index % self.per_block
+        value = self.codec.get(block, slot) + delta
+        if not 0 <= value <= self.codec.max:
+            raise corrupt(f"refcount of cluster {index:#x} would become {value}")
+        self.codec.set(block, slot, value)
+        return value
+
+    def release(self, index: int, count: int = 1) -> None:
+        """Drop one reference to each of `count` clusters, once the caller's L2 change is written."""
+        self.pending.extend(range(index, index + count))
+
+    async def apply_pending(self) -> list[int]:
+        """Apply the waiting decrements; the clusters now free go to quarantine."""
+        pending, self.pending = self.pending, []
+        freed = []
+        for index in pending:
+            if await self.adjust(index, -1) == 0:
+                freed.append(index)
+        self.quarantine.update(freed)
+        return freed
+
+    def end_quarantine(self) -> None:
+        if self.quarantine:
+            self.next_free = min(self.next_free, min(self.quarantine))
+            self.quarantine.clear()
+
+    def dirty(self) -> bool:
+        return any(t.dirty for t in self.cache.dirty())
+
+    async def write_dirty(self) -> bool:
+        wrote = False
+        for block in self.cache.dirty():
+            wrote |= await self.io.write_table(block)
+        return wrote
+
+    # Allocation.
+
+    async def allocate(self, wanted: int) -> tuple[int, int, bool]:
+        """Up to `wanted` contiguous free clusters, now referenced once:
+        (first index, count, fresh: never written, so they read as zeroes)."""
+        index = self.next_free
+        per_block = self.per_block
+        while True:
+            table_index = index // per_block
+            if table_index >= self.table_entries:
+                await self._grow_table(table_index)
+                continue
+            block = await self.block(table_index)
+            if block is None:
+                await self._create_block(table_index, index)
+                index += 1
+                continue
+            slot = index % per_block
+            while slot < per_block and not self._is_free(block, slot, table_index):
+                slot += 1
+            if slot == per_block:
+                index = (table_index + 1) * per_block
+                continue
+            count = 1
+            while count < wanted and slot + count < per_block and self._is_free(block, slot + count, table_index):
+                count += 1
+            for k in range(count):
+                self.codec.set(block, slot + k, 1)
+            start = table_index * per_block + slot
+            if (start + count) >> (MAX_HOST_CLUSTERS_BITS - self.cluster_bits):
+                raise corrupt("the image file would grow past 64 PiB")
+            self.next_free = start + count
+            fresh = start >= self.fresh_from
+            self.fresh_from = max(self.fresh_from, start + count)
+            return start, count, fresh
+
+    def _is_free(self, block: Table, slot: int, table_index: int) -> bool:
+        return not self.codec.get(block, slot) and table_index * self.per_block + slot not in self.quarantine
+
+    async def _create_block(self, table_index: int, index: int) -> None:
+        """A refcount block for `table_index`, stored in cluster `index`, which it covers itself."""
+        block = Table(index << self.cluster_bits, bytearray(self.cluster_size))
+        self.codec.set(block, index % self.per_block, 1)
+        block.mark_all()
+        await self.io.write_table(block)
+        await self.io.barrier()  # the block before the table entry that points at it
+        self.table.set_u64(table_index, block.offset)
+        await self.io.write_table(self.table)
+        self.fresh_from = max(self.fresh_from, index + 1)
+        await self._insert(block)
+
+    async def _grow_table(self, needed_index: int) -> None:
+        """Move the refcount table to a bigger place past everything it covers now.
+
+        The clusters from `start` on are all free (no block covers them). There go the new blocks
+        that cover the new table and themselves, then the table, then the header points at it.
+        """
+        old = self.table
+        entries = max(2 * self.table_entries, needed_index + 1)
+        table_clusters = -(-entries * 8 // self.cluster_size)
+        entries = table_clusters * self.cluster_size // 8
+        start = self.table_entries * self.per_block
+        blocks = 1
+        while blocks * self.per_block < blocks + table_clusters:
+            blocks += 1
+        data = bytearray(table_clusters * self.cluster_size)
+        data[:len(old.data)] = old.data
+        table = Table((start + blocks) << self.cluster_bits, data)
+        used = blocks + table_clusters
+        for k in range(blocks):
+            block = Table((start + k) << self.cluster_bits, bytearray(self.cluster_size))
+            for slot in range(min(self.per_block, used - k * self.per_block)):
+                self.codec.set(block, slot, 1)
+            block.mark_all()
+            await self.io.write_table(block)
+            table.set_u64(self.table_entries + k, block.offset)
+        table.mark_all()
+        await self.io.write_table(table)
+        await self.io.barrier()
+        await self._move_table(table.offset, table_clusters)
+        self.table = table
+        self.fresh_from = max(self.fresh_from, start + used)
+        old_first = old.offset >> self.cluster_bits
+        self.release(old_first, len(old.data) >> self.cluster_bits)
