@@ -147,3 +147,11 @@ def raw_image(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory):
+    """A single-node Ceph cluster for the whole session, started on first use (ceph_cluster.py)."""
+    from ceph_cluster import running_cluster
+
+    yield from running_cluster(tmp_path_factory)
