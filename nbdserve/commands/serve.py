@@ -17,6 +17,7 @@ from ..config import (
     default_config_path,
     load_config,
     parse_config,
+    parse_listener,
 )
 from ..server.tls import TLS_MODES, tls_from_flags
 from ..settings import ConfigError
@@ -63,6 +64,28 @@ def export_name_for(spec: str) -> str:
     return PurePosixPath(tail.split(":", 1)[-1]).name or "disk"
 
 
+def listen_from_args(args) -> list[dict]:
+    """The listener -b/-p/-k ask for, or [] when none of them is given."""
+    if args.socket:
+        return [{"unix": args.socket}]
+    if args.bind is None and args.port is None:
+        return []
+    host = args.bind or DEFAULT_HOST
+    address = f"[{host}]" if ":" in host else host
+    return [{"tcp": f"{address}:{args.port if args.port is not None else DEFAULT_PORT}"}]
+
+
+def default_config(args) -> ServerConfig:
+    """The shipped scratch-disk config; -b/-p/-k replace its listener."""
+    if args.export_name is not None:
+        raise ConfigError("", "-x applies to SOURCE; the default config names its own export")
+    config = load_config(default_config_path())
+    listen = listen_from_args(args)
+    if listen:
+        config.listeners = [parse_listener(listen[0], "listen[0]")]
+    return config
+
+
 def config_from_args(args) -> ServerConfig:
     if args.config and args.source:
         raise ConfigError("", "give either SOURCE or --config, not both")
@@ -71,14 +94,9 @@ def config_from_args(args) -> ServerConfig:
             raise ConfigError("", "-b, -p, -k and -x apply to SOURCE; with --config, set them in the file")
         return load_config(args.config)
     if not args.source:
-        return load_config(default_config_path())
+        return default_config(args)
     name = args.export_name or export_name_for(args.source)
-    if args.socket:
-        listen = [{"unix": args.socket}]
-    else:
-        host = args.bind or DEFAULT_HOST
-        address = f"[{host}]" if ":" in host else host
-        listen = [{"tcp": f"{address}:{args.port if args.port is not None else DEFAULT_PORT}"}]
+    listen = listen_from_args(args) or [{"tcp": f"{DEFAULT_HOST}:{DEFAULT_PORT}"}]
     try:
         source = registry.source_settings(args.source)
     except ConfigError as exc:
