@@ -10,10 +10,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from .access import ExportAccess
 from .backend import Backend, CacheMode, Extent, OpenOptions
 from .protocol.constants import (
-    MAX_EXTENTS,
     Command,
     CommandFlag,
     Error,
@@ -73,6 +74,10 @@ _READ, _FLUSH, _BLOCK_STATUS = int(Command.READ), int(Command.FLUSH), int(Comman
 # Zeroing without native support writes this much per call.
 _ZERO_CHUNK = 1024 * 1024
 _ZEROES = bytes(_ZERO_CHUNK)
+# Block status asks the backend about this much at a time, and replies with at most this many
+# descriptors (the spec's ceiling is 2^20; 64 KiB of reply is plenty per round trip).
+_BLOCK_STATUS_WINDOW = 8 * 1024 * 1024
+_MAX_DESCRIPTORS = 8192
 
 
 @dataclass
@@ -238,42 +243,95 @@ class Export:
             length = 1 if offset < self.size else 0
         if not length:
             raise RequestError(Error.EINVAL, "block status at the end of the export")
-        if self.capabilities.can_extents:
-            extents = await self.backend.extents(offset, length)
-        else:
-            extents = [Extent(length)]
-        return _descriptors(extents, length, self.min_block, 1 if req_one else MAX_EXTENTS)
+        descriptors = _Descriptors(offset, length, limit=1 if req_one else _MAX_DESCRIPTORS)
+        if not self.capabilities.can_extents:
+            descriptors.add([Extent(length)], length)
+        # Window by window, with a checkpoint between: a request costs what its reply holds,
+        # not what its length spans (4 GiB of a fragmented image is a million extents).
+        while descriptors.covered < length and not descriptors.full:
+            start = descriptors.covered
+            window = min(_BLOCK_STATUS_WINDOW, length - start)
+            descriptors.add(await self.backend.extents(offset + start, window), start + window)
+            if descriptors.covered == start:
+                break  # the backend reported nothing more
+            await trio.lowlevel.checkpoint()
+        return descriptors.result(self.min_block, self.size)
 
     async def close(self) -> None:
         await self.backend.close()
 
 
-def _descriptors(extents: list[Extent], length: int, min_block: int, limit: int):
-    """Merge extents with equal flags, clip to the request, keep lengths 32-bit and aligned."""
-    result: list[list[int]] = []
-    covered = 0
-    for extent in extents:
-        if covered >= length or extent.length <= 0:
-            break
-        flags = (StateFlag.HOLE if extent.hole else 0) | (StateFlag.ZERO if extent.zero else 0)
-        size = min(extent.length, length - covered)
-        if result and result[-1][1] == flags:
-            result[-1][0] += size
-        else:
-            if len(result) == limit:
+class _Descriptors:
+    """base:allocation (length, flags) pairs for a request, fed extents window by window:
+    clipped to the request, equal flags merged, at most `limit` pairs."""
+
+    def __init__(self, offset: int, length: int, limit: int) -> None:
+        self.offset = offset
+        self.length = length
+        self.limit = limit
+        self.pairs: list[list[int]] = []
+        self.covered = 0  # bytes from `offset` described so far
+        self.full = False
+
+    def add(self, extents: list[Extent], until: int) -> None:
+        for extent in extents:
+            if self.covered >= until or extent.length <= 0:
+                return
+            flags = (StateFlag.HOLE if extent.hole else 0) | (StateFlag.ZERO if extent.zero else 0)
+            size = min(extent.length, until - self.covered)
+            if self.pairs and self.pairs[-1][1] == flags:
+                self.pairs[-1][0] += size
+            elif len(self.pairs) == self.limit:
+                self.full = True
+                return
+            else:
+                self.pairs.append([size, int(flags)])
+            self.covered += size
+
+    def result(self, min_block: int, export_size: int) -> list[tuple[int, int]]:
+        if not self.pairs:
+            raise RequestError(Error.EIO, "the backend reported no extents")
+        pairs = self.pairs
+        if min_block > 1:
+            pairs = _align(pairs, self.offset, self.offset + self.length, min_block, export_size)
+        # A descriptor is 32 bits long: round down (never up, nbdkit's CVE-2025-47712), and
+        # the client asks again for the rest.
+        cap = 0xFFFFFFFF // min_block * min_block
+        result = []
+        for size, flags in pairs:
+            result.append((min(size, cap), flags))
+            if size > cap:
                 break
-            result.append([size, int(flags)])
-        covered += size
-    if not result:
-        raise RequestError(Error.EIO, "the backend reported no extents")
-    # A descriptor is 32 bits long; report the rest on the next request.
-    cap = (0xFFFFFFFF // max(min_block, 1)) * max(min_block, 1)
-    for index, (size, _) in enumerate(result):
-        if size > cap:
-            result[index][0] = cap
-            del result[index + 1 :]
-            break
-    return [(size, flags) for size, flags in result]
+        return result
+
+
+def _align(pairs: list[list[int]], offset: int, request_end: int, block: int, export_size: int):
+    """Move descriptor boundaries inside the request down to block boundaries; a block that
+    straddles one gets the flags both sides share (a hole only if all of it is a hole)."""
+    aligned: list[list[int]] = []  # [start, end, flags], absolute
+    start = offset
+    for size, flags in pairs:
+        end = start + size
+        if aligned and aligned[-1][1] % block:
+            previous = aligned[-1]
+            cut = previous[1] - previous[1] % block
+            flags &= previous[2]
+            previous[1] = start = max(cut, previous[0])
+            if previous[1] == previous[0]:
+                aligned.pop()
+        if aligned and aligned[-1][2] == flags:
+            aligned[-1][1] = end
+        else:
+            aligned.append([start, end, flags])
+        start = end
+    last = aligned[-1]
+    if last[1] % block and last[1] not in (request_end, export_size):
+        last[1] -= last[1] % block  # cut short: an unaligned tail is the next request's start
+    if last[1] <= last[0] and len(aligned) > 1:
+        aligned.pop()
+    return [[end - begin, flags] for begin, end, flags in aligned if end > begin] or [
+        [sum(size for size, _ in pairs), 0]
+    ]
 
 
 async def open_export(config: ExportConfig) -> Export:
