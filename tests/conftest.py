@@ -81,6 +81,16 @@ def start_server(tmp_path):
     teardown the server is stopped and its log must hold no traceback: a traceback is a bug even
     when the client got its answer.
     """
+    yield from _start_servers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory):
+    """start_server for servers a whole module's tests share: one start instead of one per test."""
+    yield from _start_servers(tmp_path_factory.mktemp("servers"))
+
+
+def _start_servers(tmp_path):
     servers: list[RunningServer] = []
     counter = iter(range(1000))
 

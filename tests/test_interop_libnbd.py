@@ -217,3 +217,53 @@ def test_oversized_read_is_refused_and_the_connection_goes_on(serve, connect):
     assert preferred >= 4096
     assert errno_of(handle.pread, 32 * MiB + 4096, 0) == errno.EINVAL
     assert len(handle.pread(MiB, 0)) == MiB
+
+
+def test_negotiation_options_list_info_and_meta_contexts(start_server, image, raw_image):
+    other = raw_image(MiB, name="other.img")
+    server = start_server({
+        "exports": {
+            "disk": {"source": str(image), "description": "the disk"},
+            "other": {"source": str(other), "read-only": True},
+        },
+        "default-export": "disk",
+    })
+    handle = nbd.NBD()
+    handle.set_opt_mode(True)
+    handle.set_full_info(True)  # ask for NBD_INFO_NAME and NBD_INFO_DESCRIPTION
+    handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    handle.connect_uri(server.uri(""))
+    listed = []
+    assert handle.opt_list(lambda name, description: listed.append((name, description)) or 0) == 2
+    assert sorted(listed) == [("disk", "the disk"), ("other", "")]
+
+    contexts = []
+    handle.set_export_name("other")
+    assert handle.opt_list_meta_context(lambda name: contexts.append(name) or 0) == 1
+    assert contexts == [nbd.CONTEXT_BASE_ALLOCATION]
+    handle.opt_info()
+    assert (handle.get_size(), handle.is_read_only()) == (MiB, True)
+
+    handle.set_export_name("")  # the default export, by its canonical name
+    handle.opt_go()
+    assert handle.get_canonical_export_name() == "disk"
+    assert handle.get_export_description() == "the disk"
+    assert handle.get_size() == SIZE
+    assert handle.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    assert extents(handle, MiB, 0) == [(MiB, 0)]
+    handle.shutdown()
+
+
+def test_simple_replies_without_structured_negotiation(serve, image):
+    handle = nbd.NBD()
+    handle.set_request_structured_replies(False)
+    handle.connect_uri(serve())
+    assert not handle.get_structured_replies_negotiated()
+    assert not handle.can_df()
+    expected = image.read_bytes()
+    assert handle.pread(2 * MiB, 0) == expected[: 2 * MiB]
+    handle.pwrite(b"\x01" * 4096, 4096, nbd.CMD_FLAG_FUA)
+    assert handle.pread(4096, 4096) == b"\x01" * 4096
+    handle.set_strict_mode(0)
+    assert errno_of(handle.pread, 4096, SIZE) == errno.EINVAL
+    handle.shutdown()

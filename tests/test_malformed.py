@@ -8,17 +8,19 @@ import nbd
 import pytest
 
 from nbd_wire import RawClient, go, info_payload, option, request
-from nbdserve.protocol.constants import Command, CommandFlag, Error, Option, Reply
+from nbdserve.protocol.constants import ClientFlag, Command, CommandFlag, Error, Option, Reply
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB
 PATTERN = bytes(range(256)) * (SIZE // 256)
 
 
-@pytest.fixture
-def server(start_server, raw_image):
-    image = raw_image(SIZE, data=PATTERN)
-    return start_server({"exports": {"disk": {"source": str(image)}}})
+@pytest.fixture(scope="module")
+def server(start_module_server, tmp_path_factory):
+    """One server for the whole module: every test also checks it survived the ones before."""
+    image = tmp_path_factory.mktemp("malformed") / "disk.img"
+    image.write_bytes(PATTERN)
+    return start_module_server({"exports": {"disk": {"source": str(image)}}})
 
 
 def assert_serves(server) -> None:
@@ -158,3 +160,17 @@ def test_export_name_for_a_missing_export_hangs_up(server):
         client.send(option(Option.EXPORT_NAME, b"nosuchdisk"))
         assert client.is_closed_by_server()
     assert_serves(server)
+
+
+@pytest.mark.parametrize("no_zeroes", [False, True], ids=["zeroes", "no-zeroes"])
+def test_export_name_negotiation_honours_no_zeroes(server, no_zeroes):
+    with RawClient(server.port) as client:
+        client.start(ClientFlag.C_FIXED_NEWSTYLE | (ClientFlag.C_NO_ZEROES if no_zeroes else 0))
+        client.send(option(Option.EXPORT_NAME, b"disk"))
+        size, flags = struct.unpack(">QH", client.receive_exact(10))
+        assert size == SIZE and flags & 1
+        if not no_zeroes:
+            assert client.receive_exact(124) == bytes(124)
+        client.send(request(Command.READ, 100, 8, cookie=5))
+        assert client.simple_reply() == (0, 5)  # a stray zero would break the reply's magic
+        assert client.receive_exact(8) == PATTERN[100:108]
