@@ -4,6 +4,7 @@ import argparse
 import importlib
 
 from . import __version__
+from .catalog import ExportUnavailable
 from .logs import setup_logging
 from .settings import ConfigError
 
@@ -25,15 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _call(handler, args) -> int:
+    """Run `handler`; an error trio wrapped in exception groups (one per nursery it crossed)
+    comes out unwrapped, so that a failed start (a port in use) reads as one line."""
+    try:
+        return handler(args)
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        raise error
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     try:
-        return args.handler(args)
+        return _call(args.handler, args)
     except ConfigError as exc:
         parser.exit(2, f"nbdserve: error: {exc}\n")
-    except OSError as exc:
+    except (OSError, ExportUnavailable) as exc:
         parser.exit(1, f"nbdserve: error: {exc}\n")
     except KeyboardInterrupt:
         return 130

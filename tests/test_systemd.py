@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import free_port, run
+from conftest import NBDSERVE, free_port, run
 from service_helpers import notify, spawn, write_config  # noqa: F401 (fixtures)
 
 UNITS = Path(__file__).parent.parent / "systemd"
@@ -176,3 +176,22 @@ def test_journal_logs_carry_priorities_and_no_timestamps(tmp_path, raw_image, sp
     assert "<6>nbdserve.server.service: received SIGTERM" in lines
     assert any(line.startswith("<4>nbdserve.server.control: no control socket") for line in lines)
     assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in lines)
+
+
+def test_a_failed_start_is_one_clear_line(tmp_path, raw_image):
+    """What systemd shows in `systemctl status` when the server cannot start: no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run([*NBDSERVE, "serve", "-p", str(port), raw_image()], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"nbdserve: error: [Errno 98] cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    missing = run([*NBDSERVE, "serve", "-k", tmp_path / "s.sock", tmp_path / "missing.img"], check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.splitlines()[-1] == (
+        f"nbdserve: error: cannot open export 'missing.img': cannot open {tmp_path / 'missing.img'}: "
+        "No such file or directory"
+    )

@@ -54,36 +54,47 @@ def _activated_socket(fd: int, name: str) -> socket.socket:
 
 
 def bind_tcp(listener: Listener) -> list[socket.socket]:
+    """A socket for every address of `listener` (a host name may have IPv4 and IPv6 ones)."""
     sockets = []
-    infos = socket.getaddrinfo(
-        listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
+    try:
+        infos = socket.getaddrinfo(
+            listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
             sock.listen(BACKLOG)
-        except BaseException:
+    except BaseException as exc:
+        for sock in sockets:
             sock.close()
-            raise
-        sockets.append(sock)
+        raise _naming(listener, exc)
     return sockets
 
 
 def bind_unix(path: str) -> socket.socket:
     remove_stale_socket(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         sock.bind(path)
         sock.listen(BACKLOG)
-    except BaseException:
+    except BaseException as exc:
         sock.close()
-        raise
+        raise _naming(f"unix:{path}", exc)
     return sock
+
+
+def _naming(where, exc: BaseException) -> BaseException:
+    """An OSError that says which address failed ("Address already in use" alone does not)."""
+    if not isinstance(exc, OSError):
+        return exc
+    error = OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}")
+    error.__cause__ = exc
+    return error
 
 
 def remove_stale_socket(path: str) -> None:
