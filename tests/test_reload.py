@@ -114,3 +114,38 @@ def test_check_config_exit_codes(tmp_path, exports):
     assert missing.returncode == 1 and "cannot read" in missing.stderr
     usage = run([*NBDSERVE, "check-config"], check=False)
     assert usage.returncode == 2 and "FILE" in usage.stderr
+
+
+def test_writes_in_flight_on_a_changed_export_are_kept(spawn, notify, exports):
+    """The reload lands while writes to an export it changes are in flight: every write the
+    server acknowledged is in the image, and the connection then ends."""
+    port, config, path = exports
+    server, systemd = start(spawn, notify, path, config)
+    handle = connect(port, "change")
+    chunk = MiB // 2
+    cookies = {
+        handle.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([index + 1]) * chunk), index * chunk): index
+        for index in range(8)
+    }
+    config["exports"]["change"]["read-only"] = True
+    write_config(path, config)
+    server.send_signal(signal.SIGHUP)
+    acknowledged = []
+    while cookies:
+        try:
+            handle.poll(-1)
+        except nbd.Error:
+            break  # the server closed the connection
+        for cookie, index in list(cookies.items()):
+            try:
+                if handle.aio_command_completed(cookie):
+                    acknowledged.append(index)
+                    del cookies[cookie]
+            except nbd.Error:
+                del cookies[cookie]  # failed, or lost with the connection: not acknowledged
+    wait_for_log(server, "export 'change': closed (reloaded)")
+    image = path.with_name("change.img").read_bytes()
+    for index in acknowledged:
+        assert image[index * chunk:(index + 1) * chunk] == bytes([index + 1]) * chunk, index
+    assert acknowledged, "no write was acknowledged at all"
+    assert server.stop() == 0
