@@ -7,6 +7,9 @@ import urllib.request
 import nbd
 import pytest
 from conftest import NBDSERVE, free_port, run
+from nbdserve.config import parse_config
+from nbdserve.server.control import control_path
+from nbdserve.settings import ConfigError
 from service_helpers import notify, spawn, write_config  # noqa: F401 (fixtures)
 
 MiB = 1024 * 1024
@@ -113,3 +116,17 @@ def test_prometheus_metrics(busy_server):
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
     assert missing.value.code == 404
+
+
+def test_control_and_metrics_settings(tmp_path):
+    base = {"state-dir": str(tmp_path), "exports": {"vm1": {"source": str(tmp_path / "vm1.img")}}}
+    config = parse_config(base)
+    assert control_path(config) == tmp_path / "control.sock" and config.metrics is None
+    config = parse_config({**base, "control": {"socket": "run/stats.sock"},
+                           "metrics": {"listen": "[::1]:9310"}})
+    assert control_path(config) == tmp_path / "run" / "stats.sock"
+    assert str(config.metrics) == "[::1]:9310"
+    with pytest.raises(ConfigError, match=r"^metrics.listen: needs a port: '127.0.0.1'$"):
+        parse_config({**base, "metrics": {"listen": "127.0.0.1"}})
+    with pytest.raises(ConfigError, match=r"^control.path: unknown key$"):
+        parse_config({**base, "control": {"path": "x"}})

@@ -25,8 +25,9 @@ REQUEST_TIMEOUT = 5.0
 
 
 def control_path(config: ServerConfig) -> Path:
-    """`control.socket` from the config, else control.sock in the state directory."""
-    return config.control_socket or config.state_dir / CONTROL_SOCKET
+    """`control.socket` from the config (relative to the state directory), else control.sock
+    in the state directory."""
+    return config.state_dir / (config.control_socket or CONTROL_SOCKET)
 
 
 def snapshot(server) -> dict:

@@ -51,12 +51,13 @@ async def run_server(
 
 
 def status_line(server: Server) -> str:
-    exports = len(server.catalog.names())
-    connections = len(server.connections)
-    return (
-        f"serving {exports} export{'s' * (exports != 1)} to {connections} "
-        f"connection{'s' * (connections != 1)} on {', '.join(server.addresses)}"
-    )
+    exports = _count(len(server.catalog.names()), "export")
+    connections = _count(len(server.connections), "connection")
+    return f"serving {exports} to {connections} on {', '.join(server.addresses)}"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 async def _wait_for_stop(signals, server: Server, notifier: Notifier, reload_config) -> None:
