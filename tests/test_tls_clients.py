@@ -2,6 +2,7 @@
 qemu-io with a tls-creds-x509 object, nbdinfo and nbdcopy with nbds:// URIs."""
 
 import json
+import subprocess
 
 import pytest
 from conftest import run
@@ -57,3 +58,43 @@ def test_nbdinfo_and_nbdcopy(tls_server, tmp_path):
     assert image.read_bytes() == source.read_bytes()
     # Plaintext nbd:// cannot get in.
     assert run(["nbdinfo", server.uri("disk")], check=False).returncode != 0
+
+
+def test_qemu_system(tls_server):
+    """A QEMU machine with an NBD node over TLS, driven through QMP: the path a guest's disk takes."""
+    server, pki, _ = tls_server
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio",
+         "-object", f"tls-creds-x509,id=tls0,dir={pki.alice},endpoint=client",
+         "-blockdev", f"driver=nbd,node-name=disk0,server.type=inet,server.host=127.0.0.1,"
+                      f"server.port={server.port},export=disk,tls-creds=tls0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+
+    def qmp(command: str, **arguments) -> str:
+        """Run a QMP command; return what it printed (qemu-io writes to stdout, not to QMP)."""
+        qemu.stdin.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
+        qemu.stdin.flush()
+        printed = []
+        while line := qemu.stdout.readline():
+            if not line.startswith("{"):
+                printed.append(line)
+            elif "return" in (message := json.loads(line)):
+                return "".join(printed)
+            else:
+                assert "error" not in message, message
+        raise AssertionError(f"QEMU exited during {command}: {''.join(printed)}")
+
+    try:
+        assert "QMP" in json.loads(qemu.stdout.readline())  # the greeting
+        qmp("qmp_capabilities")
+        for io in ("write -P 0x44 1M 64k", "read -P 0x44 1M 64k", "read -P 0x11 0 64k"):
+            output = qmp("human-monitor-command", **{"command-line": f'qemu-io disk0 "{io}"'})
+            assert "65536/65536 bytes" in output and "Pattern verification failed" not in output, output
+        qmp("quit")
+        assert qemu.wait(10) == 0
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+    assert "client certificate: none" in server.log()
