@@ -13,8 +13,10 @@ import pytest
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
-TRACED = "openat,fdatasync,fsync,fallocate,pwritev2,pwritev,pwrite64,write,io_uring_enter"
+TRACED = "openat,fdatasync,fsync,fallocate,pwritev2,pwritev,pwrite64,io_submit"
 _LINE = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+(\w+)\((.*)\)\s+=\s+(-?\d+)")
+# Linux AIO names the descriptor inside each submitted iocb, not as the first argument.
+_AIO_FD = re.compile(r"aio_fildes=(\d+)")
 # The phases: a TRIM of 4096 bytes at each offset opens the phase of that name.
 MARKS = {"write": 7 * MiB, "flush": 7 * MiB + 4096, "fua write": 7 * MiB + 8192, "shutdown": 7 * MiB + 12288}
 
@@ -24,9 +26,11 @@ class Call:
     name: str
     args: str
 
-    @property
-    def fd(self) -> int:
-        return int(self.args.split(",", 1)[0])
+    def descriptors(self) -> set[int]:
+        if self.name == "io_submit":
+            return {int(fd) for fd in _AIO_FD.findall(self.args)}
+        first = self.args.split(",", 1)[0]
+        return {int(first)} if first.isdigit() else set()
 
 
 def image_calls(trace: str, image: str) -> tuple[list[str], list[Call]]:
@@ -37,11 +41,12 @@ def image_calls(trace: str, image: str) -> tuple[list[str], list[Call]]:
         if not match:
             continue
         _, name, args, result = match.groups()
+        call = Call(name, args)
         if name == "openat" and f'"{image}"' in args:
             opens.append(args.rsplit(",", 1)[-1].strip())
             fds.add(int(result))
-        elif name != "openat" and args.split(",", 1)[0].isdigit() and int(args.split(",", 1)[0]) in fds:
-            calls.append(Call(name, args))
+        elif name != "openat" and call.descriptors() & fds:
+            calls.append(call)
     return opens, calls
 
 
@@ -66,7 +71,8 @@ def syncs(calls: list[Call]) -> int:
 
 
 def dsync_writes(calls: list[Call]) -> int:
-    return sum(call.name.startswith("pwrite") and "RWF_DSYNC" in call.args for call in calls)
+    """Writes made durable one by one: pwritev2(RWF_DSYNC), or an io_submit iocb with it."""
+    return sum(call.name in ("pwritev2", "io_submit") and "RWF_DSYNC" in call.args for call in calls)
 
 
 def trace_cache_mode(start_server, raw_image, tmp_path, mode: str):
