@@ -5,7 +5,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import trio
@@ -20,6 +20,8 @@ from .server import Server
 
 log = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 async def run_server(
     config: ServerConfig,
@@ -32,7 +34,8 @@ async def run_server(
     exports from `reload_config()`. systemd hears READY=1 once every listener accepts."""
     server = Server(config)
     notifier = Notifier()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with ExitStack() as at_exit, trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
+        at_exit.callback(notifier.close)
         async with trio.open_nursery() as helpers:
             # The watchdog and the control socket run until the last connection has drained.
             helpers.start_soon(notifier.serve_watchdog)
@@ -41,13 +44,12 @@ async def run_server(
                 await helpers.start(serve_control, server, control_path(config))
                 if config.metrics:
                     await helpers.start(serve_metrics, server, config.metrics)
-                with _pid_file(pid_file):
-                    server.on_change = lambda: notifier.status(status_line(server))
-                    notifier.ready(status_line(server))
-                    task_status.started(server)
-                    await _wait_for_stop(signals, server, notifier, reload_config)
+                at_exit.enter_context(_pid_file(pid_file))  # until the process is about to exit
+                server.on_change = lambda: notifier.status(status_line(server))
+                notifier.ready(status_line(server))
+                task_status.started(server)
+                await _wait_for_stop(signals, server, notifier, reload_config)
             helpers.cancel_scope.cancel()
-    notifier.close()
 
 
 def status_line(server: Server) -> str:
