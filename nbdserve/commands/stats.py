@@ -58,6 +58,8 @@ def watch(path: str, interval: float, count: int | None, as_json: bool) -> None:
     while count is None or shown < count:
         time.sleep(interval)
         current = fetch(path)
+        if current["pid"] != previous["pid"]:
+            previous = None  # the server restarted: its counters began again
         text = json.dumps(current) if as_json else render(current, previous)
         print(clear + text, flush=True)
         previous = current
