@@ -59,6 +59,9 @@ class Server:
                             accepting.start_soon(self._accept, listener, connections)
                         accepting.start_soon(self.catalog.serve_discovery)
                         task_status.started(self.addresses)
+                # New clients are refused from now on, not left waiting in the backlog.
+                for listener in listeners:
+                    await listener.aclose()
                 self._drain(connections)
         finally:
             with trio.CancelScope(shield=True):
