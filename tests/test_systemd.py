@@ -87,6 +87,19 @@ def test_socket_activation_serves_exactly_the_passed_sockets(tmp_path, raw_image
     assert unix_path.exists(), "the socket file is systemd's, not ours to remove"
 
 
+def test_listen_fds_for_another_process_are_ignored(tmp_path, raw_image, spawn, notify):
+    """LISTEN_* inherited from a parent that was socket-activated are not ours: the configured
+    listener is bound."""
+    port = free_port()
+    systemd = notify()
+    server = spawn(["serve", "-p", port, raw_image()],
+                   env={**systemd.env, "LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "nbd"})
+    assert systemd.wait_for("READY", "1")["STATUS"].endswith(f"on 127.0.0.1:{port}")
+    run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"])
+    assert "systemd socket" not in server.log()
+    assert server.stop() == 0
+
+
 def test_notifications_ready_status_watchdog_reload_stopping(tmp_path, raw_image, spawn, notify):
     port = free_port()
     config = write_config(tmp_path / "nbdserve.yaml", {
