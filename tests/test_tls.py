@@ -3,6 +3,7 @@ across it, client certificates and subject allowlists, with libnbd and hand-made
 
 import ssl
 import struct
+import time
 import warnings
 
 import nbd
@@ -71,7 +72,14 @@ def test_required_refuses_everything_before_starttls(start_server, raw_image, pk
 
 
 def test_failed_tls_handshakes_end_only_that_client(start_server, raw_image, pki):
-    server = start_server(tls_config(pki, raw_image(data=PATTERN)))
+    server = start_server({**tls_config(pki, raw_image(data=PATTERN)), "limits": {"handshake-timeout": 1}})
+    # STARTTLS, then silence instead of a ClientHello: dropped by the handshake timeout.
+    with RawClient(server.port) as client:
+        client.start()
+        client.send(option(Option.STARTTLS))
+        assert client.option_reply()[:2] == (Option.STARTTLS, Reply.ACK)
+        start = time.monotonic()
+        assert client.is_closed_by_server() and time.monotonic() - start < 3
     # Plaintext sent right behind STARTTLS would be taken as TLS-protected: hang up.
     with RawClient(server.port) as client:
         client.start()
@@ -214,6 +222,14 @@ def test_config_errors(tmp_path, raw_image, pki, tls, message):
     with pytest.raises(ConfigError) as error:
         parse_config(config)
     assert message in str(error.value)
+
+
+def test_yaml_off_is_off(raw_image):
+    source = {"source": {"driver": "file", "path": str(raw_image())}}
+    for tls in (False, "off", {"mode": False}, None):  # YAML 1.1 reads a bare `off` as false
+        assert parse_config({"tls": tls, "exports": {"disk": source}}).tls.mode.value == "off"
+    with pytest.raises(ConfigError, match="tls.mode: expected a string, got bool True"):
+        parse_config({"tls": {"mode": True}, "exports": {"disk": source}})
 
 
 def test_cli_flags_name_the_problem(raw_image, pki):

@@ -67,22 +67,26 @@ def parse_tls(value, path: str, *, config_dir: Path | None, exports: dict) -> TL
     against the CA) even without verify-peer.
     """
     client_certificates = any(export.access.tls_subjects for export in exports.values())
-    if value is None or isinstance(value, str):
-        value = {"mode": value or TLSMode.OFF.value}
+    if value is None or value is False or isinstance(value, str):
+        value = {"mode": value}
     section = Section(value, path)
-    mode = TLSMode(section.choice("mode", TLS_MODES, TLSMode.OFF.value))
+    if section.raw("mode") in (None, False):  # YAML reads a bare `off` as false
+        mode = TLSMode.OFF
+    else:
+        mode = TLSMode(section.choice("mode", TLS_MODES))
     directory = section.str("dir")
+    if directory is not None:
+        directory = Path(directory)
+        if config_dir and not directory.is_absolute():
+            directory = config_dir / directory
     verify_peer = section.bool("verify-peer")
     section.done()
     if mode is TLSMode.OFF:
         if client_certificates:
             raise ConfigError(path, "exports list tls-subjects, so TLS must be optional or required")
-        return TLSConfig()
+        return TLSConfig(directory=directory, verify_peer=verify_peer)  # for --tls to turn on
     if directory is None:
         raise section.error("dir", f"is required with TLS: a directory with {SERVER_CERT} and {SERVER_KEY}")
-    directory = Path(directory)
-    if config_dir and not directory.is_absolute():
-        directory = config_dir / directory
     ask_for_certificate = verify_peer or client_certificates
     needed = [SERVER_CERT, SERVER_KEY] + [CA_CERT] * ask_for_certificate
     missing = [name for name in needed if not (directory / name).is_file()]
