@@ -3,6 +3,8 @@ closes only its own connection, and the server goes on serving everyone else (co
 that the server never logged a traceback)."""
 
 import struct
+import time
+from pathlib import Path
 
 import nbd
 import pytest
@@ -13,6 +15,7 @@ from nbdserve.protocol.constants import ClientFlag, Command, CommandFlag, Error,
 MiB = 1024 * 1024
 SIZE = 4 * MiB
 PATTERN = bytes(range(256)) * (SIZE // 256)
+MAX_IN_FLIGHT = 4
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +23,13 @@ def server(start_module_server, tmp_path_factory):
     """One server for the whole module: every test also checks it survived the ones before."""
     image = tmp_path_factory.mktemp("malformed") / "disk.img"
     image.write_bytes(PATTERN)
-    return start_module_server({"exports": {"disk": {"source": str(image)}}})
+    return start_module_server({
+        "exports": {
+            "disk": {"source": str(image)},
+            "direct": {"source": str(image), "cache": "none", "read-only": True},
+        },
+        "limits": {"max-in-flight": MAX_IN_FLIGHT},
+    })
 
 
 def assert_serves(server) -> None:
@@ -31,11 +40,18 @@ def assert_serves(server) -> None:
     handle.shutdown()
 
 
-def transmission(server) -> RawClient:
+def transmission(server, export: str = "disk") -> RawClient:
     client = RawClient(server.port)
     client.start()
-    client.go("disk")
+    client.go(export)
     return client
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
 
 def test_bad_request_magic_closes_only_that_connection(server):
@@ -135,8 +151,10 @@ def test_unknown_option_gets_unsup_and_the_handshake_goes_on(server):
         assert (number, reply) == (1000, Reply.ERR_UNSUP)
         client.send(option(Option.LIST))
         replies = client.option_replies()
-        assert [reply for _, reply, _ in replies] == [Reply.SERVER, Reply.ACK]
-        assert replies[0][2] == struct.pack(">I", 4) + b"disk"
+        assert [reply for _, reply, _ in replies] == [Reply.SERVER, Reply.SERVER, Reply.ACK]
+        assert sorted(payload for _, _, payload in replies[:2]) == [
+            struct.pack(">I", 4) + b"disk", struct.pack(">I", 6) + b"direct"
+        ]
         client.go("disk")
 
 
@@ -174,3 +192,20 @@ def test_export_name_negotiation_honours_no_zeroes(server, no_zeroes):
         client.send(request(Command.READ, 100, 8, cookie=5))
         assert client.simple_reply() == (0, 5)  # a stray zero would break the reply's magic
         assert client.receive_exact(8) == PATTERN[100:108]
+
+
+@pytest.mark.parametrize("export", ["disk", "direct"], ids=["page cache", "O_DIRECT"])
+def test_a_client_that_does_not_read_its_replies_is_held_back(server, export):
+    """Requests in flight are bounded per connection: reads nobody collects do not pile up."""
+    count = 128  # 128 MiB of replies, far beyond socket buffers and MAX_IN_FLIGHT
+    before = resident_bytes(server.proc.pid)
+    with transmission(server, export) as client:
+        client.send(b"".join(request(Command.READ, (i % 4) * MiB, MiB, cookie=i) for i in range(count)))
+        time.sleep(1)
+        assert resident_bytes(server.proc.pid) - before < 48 * MiB
+        assert_serves(server)  # and everyone else is still served
+        for _ in range(count):
+            error, cookie = client.simple_reply()
+            assert error == 0
+            offset = (cookie % 4) * MiB
+            assert client.receive_exact(MiB) == PATTERN[offset : offset + MiB]
