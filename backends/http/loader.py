@@ -1,0 +1,171 @@
+"""Getting blocks into the cache: shared fetches, batching, and readahead in the background.
+
+A block that is missing gets one `Pending` entry, whoever asks for it, so concurrent reads of the
+same block share one fetch. Fetches run in worker threads, at most `pool_size` at once. A read
+whose blocks are still queued takes a free slot and fetches them itself, together with whatever
+else is queued (adjacent blocks merge into one range, others ride along as extra ranges of the same
+request when the server allows it). Waiting is only ever on the fetch that brings a needed block.
+"""
+
+import errno
+import logging
+from itertools import chain
+
+import trio
+
+from nbdserve.backend import BackendError
+
+from .cache import BlockCache
+from .readahead import SequentialDetector
+from .remote import RemoteImage
+
+log = logging.getLogger(__name__)
+
+MAX_FETCH = 4 * 1024 * 1024  # bytes per request: large enough to amortise its overhead
+
+
+class Pending:
+    """A block on its way: the fetch that brings it sets `done`, then `data` or `error`."""
+
+    __slots__ = ("done", "data", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: memoryview | None = None
+        self.error: OSError | None = None
+
+
+class BlockLoader:
+    def __init__(self, remote: RemoteImage, cache: BlockCache, block_size: int, readahead: int,
+                 pool_size: int) -> None:
+        self.remote = remote
+        self.cache = cache
+        self.block_size = block_size
+        self.block_count = -(-remote.size // block_size)
+        self._pending: dict[int, Pending] = {}  # blocks being fetched or queued for a fetch
+        self._queue: dict[int, None] = {}  # pending blocks no fetch has taken yet, oldest first
+        self._slots = trio.CapacityLimiter(pool_size)
+        self._max_blocks = max(1, MAX_FETCH // block_size)
+        self._detector = SequentialDetector(readahead // block_size, block_size)
+
+    def cached(self, first: int, last: int) -> list[memoryview] | None:
+        """The blocks if all are cached (no waiting, no side effects otherwise)."""
+        blocks = []
+        for index in range(first, last + 1):
+            data = self.cache.get(index)
+            if data is None:
+                return None
+            blocks.append(data)
+        return blocks
+
+    async def load(self, first: int, last: int) -> list[memoryview]:
+        """Blocks first..last, fetching what is not cached."""
+        found: list[memoryview | Pending] = []
+        for index in range(first, last + 1):
+            data = self.cache.get(index)
+            if data is None:
+                data = self._pending.get(index)
+                if data is None:
+                    data = self._pending[index] = Pending()
+                    self._queue[index] = None
+            found.append(data)
+        while wanted := [index for index in range(first, last + 1) if index in self._queue]:
+            async with self._slots:
+                batch = self._take_batch(wanted)
+                if batch:
+                    await self._fetch(batch)
+        blocks = []
+        for item in found:
+            if isinstance(item, Pending):
+                await item.done.wait()
+                if item.error is not None:
+                    raise item.error
+                item = item.data
+            blocks.append(item)
+        return blocks
+
+    def after_read(self, offset: int, length: int) -> None:
+        """Start reading ahead of a sequential stream."""
+        window = self._detector.observe(offset, length)
+        if window is None:
+            return
+        start, end = window[0], min(window[1], self.block_count - 1)
+        missing = [i for i in range(start, end + 1) if i not in self._pending and i not in self.cache]
+        if not missing:
+            return
+        for index in missing:
+            self._pending[index] = Pending()
+        # A task of its own, so no read waits for blocks it did not ask for.
+        trio.lowlevel.spawn_system_task(self._read_ahead, missing, name="http readahead")
+
+    async def _read_ahead(self, blocks: list[int]) -> None:
+        try:
+            async with self._slots:
+                await self._fetch(blocks)
+        except Exception:  # a bug: must not take the server down from a system task
+            log.exception("http source %s: readahead failed", self.remote.name)
+
+    def _take_batch(self, wanted: list[int]) -> list[int]:
+        """Queued blocks for one request: the caller's first, then the oldest others."""
+        batch: list[int] = []
+        runs = 0
+        for index in chain(wanted, list(self._queue)):
+            if index not in self._queue:
+                continue
+            if runs == self.remote.max_ranges or len(batch) == self._max_blocks:
+                break
+            run = self._queued_run(index, self._max_blocks - len(batch))
+            for member in run:
+                del self._queue[member]
+            batch.extend(run)
+            runs += 1
+        return batch
+
+    def _queued_run(self, index: int, limit: int) -> list[int]:
+        """The queued blocks contiguous with `index`, at most `limit` of them."""
+        start = index
+        while start - 1 in self._queue and index - start + 1 < limit:
+            start -= 1
+        end = index
+        while end + 1 in self._queue and end - start + 1 < limit:
+            end += 1
+        return list(range(start, end + 1))
+
+    async def _fetch(self, batch: list[int]) -> None:
+        runs: list[tuple[int, bytes]] | None = None
+        error: OSError = BackendError(errno.EIO, "the read was cancelled")
+        try:
+            runs = await trio.to_thread.run_sync(self._fetch_runs, batch)
+        except OSError as exc:
+            error = exc
+        finally:
+            # Even when cancelled: no block may stay pending with nobody to fetch it.
+            if runs is None:
+                for index in batch:
+                    self._settle(index, None, error)
+            for first, data in runs or ():
+                self.cache.put(first, data)
+                view = memoryview(data)
+                for start in range(0, len(data), self.block_size):
+                    self._settle(first + start // self.block_size, view[start : start + self.block_size], None)
+
+    def _settle(self, index: int, data: memoryview | None, error: OSError | None) -> None:
+        pending = self._pending.pop(index)
+        pending.data, pending.error = data, error
+        pending.done.set()
+
+    def _fetch_runs(self, batch: list[int]) -> list[tuple[int, bytes]]:
+        """In a worker thread: one request for the batch; (first block, bytes) per run of blocks."""
+        runs: list[list[int]] = []
+        for index in sorted(batch):
+            if runs and runs[-1][1] == index - 1:
+                runs[-1][1] = index
+            else:
+                runs.append([index, index])
+        size, block = self.remote.size, self.block_size
+        ranges = [(first * block, min((last + 1) * block, size) - first * block) for first, last in runs]
+        data = self.remote.fetch(ranges)
+        if len(runs) == 1:
+            return [(runs[0][0], data[0])]  # the reply body itself, not copied
+        # Parts of one body: copies, so a cached run does not keep the whole body alive.
+        return [(first, bytes(view)) for (first, _), view in zip(runs, data)]
