@@ -36,6 +36,8 @@ def test_no_source_serves_the_default_scratch_disk(start_server, tmp_path):
     assert scratch.stat().st_blocks == 0  # sparse
     info = json.loads(run(["qemu-img", "info", "--output=json", f"nbd://127.0.0.1:{server.port}"]).stdout)
     assert info["virtual-size"] == 10 * 1024**3
+    mapped = run(["nbdinfo", "--map", "--totals", f"nbd://127.0.0.1:{server.port}"]).stdout.split()
+    assert mapped == [str(10 * 1024**3), "100.0%", "3", "hole,zero"]
     hint = f"kvm -drive file=nbd:127.0.0.1:{server.port}:exportname=scratch,format=raw"
     assert hint in server.log()
     assert server.stop() == 0

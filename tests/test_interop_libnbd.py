@@ -5,6 +5,8 @@ to send (strict mode off, so the server is the one saying no)."""
 import errno
 import os
 import random
+import re
+import time
 
 import nbd
 import pytest
@@ -267,3 +269,20 @@ def test_simple_replies_without_structured_negotiation(serve, image):
     handle.set_strict_mode(0)
     assert errno_of(handle.pread, 4096, SIZE) == errno.EINVAL
     handle.shutdown()
+
+
+def test_each_connection_logs_its_client_export_and_bytes_moved(start_server, image):
+    server = start_server(args=[str(image)])
+    handle = nbd.NBD()
+    handle.connect_uri(server.uri())
+    handle.pwrite(b"w" * 4096, 0)
+    handle.pread(8192, 0)
+    handle.shutdown()
+    closed = re.compile(
+        r"127\.0\.0\.1:\d+: closed export 'disk\.img': \d+ requests, 8192 bytes read, 4096 bytes written, 0 errors"
+    )
+    deadline = time.monotonic() + 10
+    while not closed.search(server.log()):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert re.search(r"127\.0\.0\.1:\d+: opened export 'disk\.img'", server.log())
