@@ -45,6 +45,15 @@ def list_exports(handle: nbd.NBD) -> list[str]:
     return names
 
 
+def assert_only_alice_gets_in(port: int, name: str, pki, refused) -> None:
+    for certificates in refused:
+        with pytest.raises(nbd.Error):
+            libnbd_connect(port, name, certificates)
+    handle = libnbd_connect(port, name, pki.alice)
+    assert handle.pread(4096, 0) == PATTERN
+    handle.shutdown()
+
+
 def test_required_refuses_everything_before_starttls(start_server, raw_image, pki):
     server = start_server(tls_config(pki, raw_image(data=PATTERN)))
     with RawClient(server.port) as client:
@@ -151,12 +160,7 @@ def test_tls_off_refuses_starttls(start_server, raw_image, pki):
 
 def test_verify_peer_wants_a_certificate_from_the_ca(start_server, raw_image, pki):
     server = start_server(tls_config(pki, raw_image(data=PATTERN), **{"verify-peer": True}))
-    for refused in (pki.anonymous, pki.stranger):
-        with pytest.raises(nbd.Error):
-            libnbd_connect(server.port, "disk", refused)
-    handle = libnbd_connect(server.port, "disk", pki.alice)
-    assert handle.pread(4096, 0) == PATTERN
-    handle.shutdown()
+    assert_only_alice_gets_in(server.port, "disk", pki, refused=(pki.anonymous, pki.stranger))
     assert f"client certificate: {CLIENT_SUBJECT}" in server.log()
 
 
@@ -192,12 +196,7 @@ def test_subject_allowlist(start_server, raw_image, pki):
     assert listing(pki.anonymous) == ["public"]
     assert listing(pki.bob) == ["public"]
     assert listing(pki.alice) == ["public", "secret"]
-    for refused in (pki.anonymous, pki.bob):
-        with pytest.raises(nbd.Error):
-            libnbd_connect(server.port, "secret", refused)
-    handle = libnbd_connect(server.port, "secret", pki.alice)
-    assert handle.pread(4096, 0) == PATTERN
-    handle.shutdown()
+    assert_only_alice_gets_in(server.port, "secret", pki, refused=(pki.anonymous, pki.bob))
 
 
 @pytest.mark.parametrize("tls, message", [
