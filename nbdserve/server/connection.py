@@ -90,7 +90,8 @@ class Connection:
         try:
             negotiator = None
             # A client that connects and stalls (in options or in the TLS handshake) is dropped.
-            with self._reading(), trio.move_on_after(self.limits.handshake_timeout or float("inf")) as timer:
+            handshake_timeout = self.limits.handshake_timeout or float("inf")
+            with self._reading(), trio.move_on_after(handshake_timeout) as timer:
                 negotiator = await self._handshake()
             if timer.cancelled_caught:
                 log.info("%s: no export chosen within %g s (limits.handshake-timeout), closing",
@@ -324,7 +325,7 @@ class Connection:
             reply = memoryview(bytearray(header + length))
             return reply, reply[header:]
         page = mmap.PAGESIZE
-        whole = memoryview(mmap.mmap(-1, page + length))
+        whole = memoryview(mmap.mmap(-1, page + length, flags=mmap.MAP_PRIVATE))  # ABTEST
         return whole[page - header :], whole[page:]
 
     async def _send_error(self, request: Request, error: Error, message: str) -> None:
