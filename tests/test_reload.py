@@ -87,13 +87,23 @@ def test_bad_config_is_rejected_and_the_old_one_keeps_serving(spawn, notify, exp
     write_config(path, config)
     server.send_signal(signal.SIGHUP)
     systemd.wait_for("RELOADING", "1")
-    systemd.wait_for("READY", "1")
-    assert (
-        "reload rejected, still serving the previous config: exports.keep.cache: unknown value "
-        "'fast' (expected writeback, writethrough, none, directsync, unsafe)" in server.log()
-    )
+    status = systemd.wait_for("READY", "1")["STATUS"]
+    error = "exports.keep.cache: unknown value 'fast' (expected writeback, writethrough, none, directsync, unsafe)"
+    assert f"reload rejected, still serving the previous config: {error}" in server.log()
+    # `systemctl status` shows it, as `systemctl reload` itself cannot fail.
+    assert status == f"serving 3 exports to 1 connection on 127.0.0.1:{port}; last reload rejected: {error}"
     assert keep.pread(4, 0) == b"keep"
-    assert connect(port, "remove").pread(6, 0) == b"remove"
+    removed = connect(port, "remove")
+    assert removed.pread(6, 0) == b"remove"
+    removed.shutdown()
+    systemd.wait_for("STATUS", status)  # back to one connection
+    # Fixed, it loads, and the status line forgets the rejection.
+    del config["exports"]["keep"]["cache"]
+    write_config(path, config)
+    server.send_signal(signal.SIGHUP)
+    systemd.wait_for("RELOADING", "1")
+    assert systemd.wait_for("READY", "1")["STATUS"] == f"serving 2 exports to 1 connection on 127.0.0.1:{port}"
+    assert keep.pread(4, 0) == b"keep"
     keep.shutdown()
     assert server.stop() == 0
 

@@ -32,65 +32,79 @@ async def run_server(
 ) -> None:
     """Serve `config` until SIGTERM or SIGINT, then shut down in order. SIGHUP reloads the
     exports from `reload_config()`. systemd hears READY=1 once every listener accepts."""
-    server = Server(config)
-    notifier = Notifier()
+    service = Service(Server(config), reload_config)
     with ExitStack() as at_exit, trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
-        at_exit.callback(notifier.close)
+        at_exit.callback(service.notifier.close)
         async with trio.open_nursery() as helpers:
             # The watchdog and the control socket run until the last connection has drained.
-            helpers.start_soon(notifier.serve_watchdog)
+            helpers.start_soon(service.notifier.serve_watchdog)
             async with trio.open_nursery() as serving:
-                await serving.start(server.serve)
-                await helpers.start(serve_control, server, control_path(config))
+                await serving.start(service.server.serve)
+                await helpers.start(serve_control, service.server, control_path(config))
                 if config.metrics:
-                    await helpers.start(serve_metrics, server, config.metrics)
+                    await helpers.start(serve_metrics, service.server, config.metrics)
                 at_exit.enter_context(_pid_file(pid_file))  # until the process is about to exit
-                server.on_change = lambda: notifier.status(status_line(server))
-                notifier.ready(status_line(server))
-                task_status.started(server)
-                await _wait_for_stop(signals, server, notifier, reload_config)
+                service.server.on_change = service.update_status
+                service.notifier.ready(service.status())
+                task_status.started(service.server)
+                await service.wait_for_stop(signals)
             helpers.cancel_scope.cancel()
 
 
-def status_line(server: Server) -> str:
-    exports = _count(len(server.catalog.names()), "export")
-    connections = _count(len(server.connections), "connection")
-    return f"serving {exports} to {connections} on {', '.join(server.addresses)}"
+class Service:
+    """What the signals do, and what systemd is told."""
+
+    def __init__(self, server: Server, reload_config: Callable[[], ServerConfig] | None) -> None:
+        self.server = server
+        self.reload_config = reload_config
+        self.notifier = Notifier()
+        # `systemctl reload` cannot fail (it only sends SIGHUP): the status line says it did.
+        self.reload_error = ""
+
+    def status(self) -> str:
+        exports = _count(len(self.server.catalog.names()), "export")
+        connections = _count(len(self.server.connections), "connection")
+        line = f"serving {exports} to {connections} on {', '.join(self.server.addresses)}"
+        return f"{line}; last reload rejected: {self.reload_error}" if self.reload_error else line
+
+    def update_status(self) -> None:
+        self.notifier.status(self.status())
+
+    async def wait_for_stop(self, signals) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+                continue
+            log.info("received %s", signal.Signals(signum).name)
+            self.notifier.stopping()
+            self.server.shutdown()
+            return
+
+    async def reload(self) -> None:
+        if self.reload_config is None:
+            log.warning("SIGHUP: nothing to reload without --config")
+            return
+        log.info("SIGHUP: reloading the config")
+        self.notifier.reloading()
+        try:
+            config = await trio.to_thread.run_sync(self.reload_config)
+            await self.server.reload(config)
+        except ConfigError as exc:
+            log.error("reload rejected, still serving the previous config: %s", exc)
+            self.reload_error = str(exc)
+        except Exception as exc:
+            log.exception("reload failed, still serving the previous config")
+            self.reload_error = f"internal error: {exc!r}"
+        else:
+            self.reload_error = ""
+            await _open_exports(self.server)
+            log.info("reloaded: exports %s", ", ".join(self.server.catalog.names()))
+        finally:
+            self.notifier.ready(self.status())
 
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-async def _wait_for_stop(signals, server: Server, notifier: Notifier, reload_config) -> None:
-    async for signum in signals:
-        if signum == signal.SIGHUP:
-            await _reload(server, notifier, reload_config)
-            continue
-        log.info("received %s", signal.Signals(signum).name)
-        notifier.stopping()
-        server.shutdown()
-        return
-
-
-async def _reload(server: Server, notifier: Notifier, reload_config) -> None:
-    if reload_config is None:
-        log.warning("SIGHUP: nothing to reload without --config")
-        return
-    log.info("SIGHUP: reloading the config")
-    notifier.reloading()
-    try:
-        config = await trio.to_thread.run_sync(reload_config)
-        await server.reload(config)
-    except ConfigError as exc:
-        log.error("reload rejected, still serving the previous config: %s", exc)
-    except Exception:
-        log.exception("reload failed, still serving the previous config")
-    else:
-        await _open_exports(server)
-        log.info("reloaded: exports %s", ", ".join(server.catalog.names()))
-    finally:
-        notifier.ready(status_line(server))
 
 
 async def _open_exports(server: Server) -> None:
