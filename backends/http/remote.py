@@ -271,8 +271,8 @@ def _causes(exc: BaseException):
             continue
         seen.add(id(current))
         yield current
-        pending.extend([current.__cause__, current.__context__, getattr(current, "reason", None)])
-        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        wrapped = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        pending.extend(item for item in wrapped if isinstance(item, BaseException))
 
 
 def _is_permanent(exc: BaseException) -> bool:
@@ -284,7 +284,7 @@ def describe(exc: BaseException) -> str:
     """A short reason for logs and clients, free of URLs (queries may hold signatures)."""
     if isinstance(exc, _Transient):
         return str(exc)
-    causes = [cause for cause in _causes(exc) if isinstance(cause, BaseException)]
+    causes = list(_causes(exc))
     for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"TLS certificate verification failed: {cause.verify_message}"

@@ -1,0 +1,103 @@
+"""http sources served by a real nginx (HTTP and HTTPS), seen through nbdserve by real clients."""
+
+import json
+import random
+import subprocess
+
+import pytest
+from conftest import run
+from http_servers import nginx  # noqa: F401 (a fixture)
+
+from nbdserve.config import parse_config
+from nbdserve.settings import ConfigError
+
+IMAGE_SIZE = 8 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def image(nginx):
+    """6 MiB of random data, then 2 MiB of zeroes, in nginx's root."""
+    path = nginx.root / "disk.img"
+    path.write_bytes(random.Random(7).randbytes(6 * 1024 * 1024) + bytes(2 * 1024 * 1024))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(start_module_server, nginx, image):
+    tls_source = {"driver": "http", "url": nginx.url("disk.img", tls=True), "ca-bundle": str(nginx.ca_path)}
+    return start_module_server({"exports": {
+        "plain": {"source": nginx.url("disk.img")},
+        "tls": {"source": tls_source},
+    }})
+
+
+@pytest.mark.parametrize("export", ["plain", "tls"])
+def test_qemu_img_sees_the_image(server, image, export):
+    info = json.loads(run(["qemu-img", "info", "--output=json", server.uri(export)]).stdout)
+    assert info["virtual-size"] == IMAGE_SIZE
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", server.uri(export), str(image)])
+
+
+def test_nbdinfo_flags(server):
+    info = json.loads(run(["nbdinfo", "--json", server.uri("plain")]).stdout)["exports"][0]
+    assert info["export-size"] == IMAGE_SIZE
+    assert info["is_read_only"] is True
+    assert info["can_multi_conn"] is True
+    assert info["can_cache"] is True
+
+
+def test_nbdcopy_over_https(server, image, tmp_path):
+    copy = tmp_path / "copy.img"
+    run(["nbdcopy", server.uri("tls"), str(copy)])
+    assert copy.read_bytes() == image.read_bytes()
+
+
+WRITE_SCRIPT = """
+import sys, nbd
+h = nbd.NBD()
+h.set_strict_mode(0)  # send the write anyway, so the server has to refuse it
+h.connect_uri(sys.argv[1])
+try:
+    h.pwrite(b"x" * 512, 0)
+except nbd.Error as exc:
+    print(exc)
+"""
+
+
+def test_writes_get_eperm(server):
+    result = run(["/usr/bin/python3", "-c", WRITE_SCRIPT, server.uri("plain")])
+    # "command failed": the server's reply, not libnbd refusing before sending.
+    assert result.stdout.strip() == "nbd_pwrite: write: command failed: Operation not permitted (EPERM)"
+
+
+def test_serve_a_url_on_the_command_line(start_server, nginx, image):
+    served = start_server(args=[nginx.url("disk.img")])
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", served.uri("disk.img"), str(image)])
+
+
+def test_an_untrusted_certificate_fails_the_start_clearly(start_server, nginx, image):
+    served = start_server({"exports": {"tls": {"source": nginx.url("disk.img", tls=True)}}}, wait=False)
+    try:
+        served.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"nbdserve kept running:\n{served.log()}") from None
+    assert served.proc.returncode != 0
+    assert "TLS certificate verification failed" in served.log()
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"url": "ftp://example.com/x"}, "exports.d.source.url: expected an http:// or https:// URL"),
+    ({"url": "http://h/x", "retries": -1}, "exports.d.source.retries: must be at least 0"),
+    ({"url": "http://h/x", "user": "u"}, "exports.d.source.password-file: user and password-file go together"),
+    ({"url": "http://h/x", "password-file": "/nonexistent/pw", "user": "u"},
+     "exports.d.source.password-file: cannot read /nonexistent/pw"),
+    ({"url": "http://h/x", "headers": {"Range": "bytes=0-1"}}, "exports.d.source.headers.Range: is set by nbdserve"),
+    ({"url": "http://h/x", "read-timeout": 0}, "exports.d.source.read-timeout: must be more than 0"),
+    ({"url": "http://h/x", "cache-size": "lots"}, "exports.d.source.cache-size: not a size"),
+    ({"url": "http://h/x", "ca-bundle": "/nonexistent.pem"}, "exports.d.source.ca-bundle: no such file"),
+    ({"url": "http://h/x", "pool": 4}, "exports.d.source.pool: unknown key"),
+])
+def test_config_errors_name_the_key(tmp_path, source, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config({"state-dir": str(tmp_path), "exports": {"d": {"source": {"driver": "http", **source}}}})
+    assert str(error.value).startswith(message)
