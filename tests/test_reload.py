@@ -53,7 +53,7 @@ def test_reload_adds_removes_and_changes_exports_without_touching_others(spawn, 
     server.send_signal(signal.SIGHUP)
     systemd.wait_for("RELOADING", "1")
     systemd.wait_for("READY", "1")
-    assert "reloaded: exports change, keep, new" in server.log()
+    assert "reloaded: added new; removed remove; changed change; unchanged keep" in server.log()
 
     # The unchanged export's connection never noticed.
     assert keep.pread(25, MiB) == b"written before the reload"

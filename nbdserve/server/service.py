@@ -88,6 +88,7 @@ class Service:
         self.notifier.reloading()
         try:
             config = await trio.to_thread.run_sync(self.reload_config)
+            changes = _changes(self.server.config.exports, config.exports)
             await self.server.reload(config)
         except ConfigError as exc:
             log.error("reload rejected, still serving the previous config: %s", exc)
@@ -98,9 +99,20 @@ class Service:
         else:
             self.reload_error = ""
             await _open_exports(self.server)
-            log.info("reloaded: exports %s", ", ".join(self.server.catalog.names()))
+            log.info("reloaded: %s", changes)
         finally:
             self.notifier.ready(self.status())
+
+
+def _changes(old: dict, new: dict) -> str:
+    """What a reload does to the exports, for the log: `added a; removed b; unchanged c`."""
+    kinds = {
+        "added": [name for name in new if name not in old],
+        "removed": [name for name in old if name not in new],
+        "changed": [name for name in new if name in old and new[name] != old[name]],
+        "unchanged": [name for name in new if name in old and new[name] == old[name]],
+    }
+    return "; ".join(f"{kind} {', '.join(names)}" for kind, names in kinds.items() if names) or "no exports"
 
 
 def _count(number: int, noun: str) -> str:
