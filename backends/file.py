@@ -13,6 +13,7 @@ import mmap
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,8 @@ class FileDriver:
 
 def aligned_buffer(length: int) -> memoryview:
     """Page-aligned memory, as O_DIRECT needs."""
-    return memoryview(mmap.mmap(-1, max(length, 1)))[:length]
+    # MAP_PRIVATE: a shared anonymous mapping is a shmem file, costly to make and tear down.
+    return memoryview(mmap.mmap(-1, max(length, 1), flags=mmap.MAP_PRIVATE))[:length]
 
 
 class FileBackend:
@@ -69,6 +71,9 @@ class FileBackend:
         self.is_device = stat.S_ISBLK(st.st_mode)
         cache = options.cache
         self._direct = cache.direct
+        # Read-modify-write cycles of partial blocks (O_DIRECT only) run one at a time: two at
+        # once on one block would each write back the other's bytes as they were before.
+        self._rmw_lock = threading.RLock()
         # Buffered writes that only reach the page cache are cheap enough to run inline.
         self._inline_writes = not cache.direct and not cache.sync_writes
         self._nowait_reads = not cache.direct
@@ -163,8 +168,19 @@ class FileBackend:
             self._read_full(buf, offset)
             return
         start, bounce = self._bounce_for(offset, len(buf))
-        self._read_full(bounce, start)
+        self._read_bounce(bounce, start)
         buf[:] = bounce[offset - start : offset - start + len(buf)]
+
+    def _read_bounce(self, bounce: memoryview, start: int) -> None:
+        """Fill aligned blocks; where the file ends inside the last one, the rest stays zero."""
+        done = 0
+        while done < len(bounce):
+            count = os.preadv(self.fd, [bounce[done:]], start + done)
+            if count == 0:
+                break
+            done += count
+        if start + done < min(start + len(bounce), self._size):
+            raise BackendError(errno.EIO, f"{self.path} ended at {start + done}: was it truncated?")
 
     # Writes.
 
@@ -201,10 +217,13 @@ class FileBackend:
             return
         # Read-modify-write of the blocks the request touches. Clients that honour the
         # advertised minimum block size never get here.
-        start, bounce = self._bounce_for(offset, len(buf))
-        self._read_full(bounce, start)
-        bounce[offset - start : offset - start + len(buf)] = buf
-        self._write_full(bounce, start, flags)
+        with self._rmw_lock:
+            start, bounce = self._bounce_for(offset, len(buf))
+            self._read_bounce(bounce, start)
+            bounce[offset - start : offset - start + len(buf)] = buf
+            self._write_full(bounce, start, flags)
+            if start + len(bounce) > self._size:
+                os.ftruncate(self.fd, self._size)  # the last block went past the end of the file
 
     def _range_aligned(self, offset: int, length: int) -> bool:
         return not (offset % self.alignment or length % self.alignment)
@@ -240,6 +259,9 @@ class FileBackend:
     def _zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         if self.is_device:
             self._zero_device(offset, length, fast)
+        elif self._direct:
+            with self._rmw_lock:  # a read-modify-write in flight must not undo the zeroes
+                self._zero_file(offset, length, may_trim, fast)
         else:
             self._zero_file(offset, length, may_trim, fast)
         if fua:
