@@ -224,6 +224,8 @@ class FileBackend:
             self._write_full(bounce, start, flags)
             if start + len(bounce) > self._size:
                 os.ftruncate(self.fd, self._size)  # the last block went past the end of the file
+                if flags or self.options.cache.sync_writes:
+                    os.fdatasync(self.fd)  # a durable write leaves a durable size too
 
     def _range_aligned(self, offset: int, length: int) -> bool:
         return not (offset % self.alignment or length % self.alignment)

@@ -143,3 +143,43 @@ def test_cache_mode_at_the_syscall_level(start_server, raw_image, tmp_path, mode
     else:
         every_call = [call for calls in phase.values() for call in calls]
         assert syncs(every_call) == 0 and dsync_writes(every_call) == 0, every_call
+
+
+def direct_export(start_server, path, mode: str) -> nbd.NBD:
+    server = start_server({"exports": {"disk": {"source": str(path), "cache": mode}}})
+    handle = nbd.NBD()
+    handle.set_strict_mode(0)  # requests below the advertised 4096-byte minimum, as some clients send
+    handle.connect_uri(server.uri("disk"))
+    return handle
+
+
+@pytest.mark.parametrize("mode", ["none", "directsync"])
+def test_concurrent_unaligned_writes_to_one_block_are_all_kept(start_server, raw_image, mode):
+    image = raw_image(MiB)
+    handle = direct_export(start_server, image, mode)
+    # Eight 512-byte writes in flight to each 4096-byte block: each one is a read-modify-write.
+    expected = b"".join(bytes([index % 251 + 1]) * 512 for index in range(256))
+    buffers = [nbd.Buffer.from_bytearray(bytearray(expected[i * 512 : (i + 1) * 512])) for i in range(256)]
+    for index, buffer in enumerate(buffers):
+        handle.aio_pwrite(buffer, index * 512)
+    while handle.aio_in_flight():
+        handle.poll(-1)
+    assert handle.pread(len(expected), 0) == expected
+    handle.shutdown()
+    assert image.read_bytes()[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("mode", ["none", "directsync"])
+def test_a_file_size_that_is_not_block_aligned(start_server, raw_image, mode):
+    image = raw_image(10000, data=bytes(range(250)) * 40)
+    handle = direct_export(start_server, image, mode)
+    assert handle.get_size() == 10000
+    expected = bytearray(image.read_bytes())
+    assert handle.pread(100, 9900) == expected[9900:]
+    handle.pwrite(b"\xee" * 50, 9950)
+    handle.zero(30, 9000)
+    expected[9950:] = b"\xee" * 50
+    expected[9000:9030] = bytes(30)
+    assert handle.pread(10000, 0) == expected
+    handle.shutdown()
+    assert image.read_bytes() == expected  # the same size: the tail block was not left extended
