@@ -38,6 +38,8 @@ def wait_closed(client: RawClient, within: float) -> float:
 
 def test_connection_limits(start_server, raw_image):
     server = start_server(config_for(raw_image(), **{"max-connections": 3, "max-connections-per-client": 2}))
+    while "disconnected" not in server.log():  # start_server's probe must not count
+        time.sleep(0.05)
     first, second = greeted(server.port, HERE), greeted(server.port, HERE)
     assert first and second
     assert greeted(server.port, HERE) is None  # a third from the same address
