@@ -209,3 +209,17 @@ def test_a_client_that_does_not_read_its_replies_is_held_back(server, export):
             assert error == 0
             offset = (cookie % 4) * MiB
             assert client.receive_exact(MiB) == PATTERN[offset : offset + MiB]
+
+
+def test_disconnect_waits_for_the_requests_in_flight(server):
+    with transmission(server, "direct") as client:
+        offsets = [cookie * 4096 for cookie in range(8)]
+        client.send(b"".join(request(Command.READ, offset, MiB, cookie=i) for i, offset in enumerate(offsets)))
+        client.send(request(Command.DISC) + request(Command.READ, 0, 512, cookie=99))  # nothing after DISC
+        replies = {}
+        for _ in offsets:
+            error, cookie = client.simple_reply()
+            assert error == 0
+            replies[cookie] = client.receive_exact(MiB)
+        assert replies == {i: PATTERN[offset : offset + MiB] for i, offset in enumerate(offsets)}
+        assert client.is_closed_by_server()
