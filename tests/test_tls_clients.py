@@ -1,5 +1,5 @@
-"""Real clients over TLS against `nbdserve serve --tls required --tls-dir DIR`: qemu-img and
-qemu-io with a tls-creds-x509 object, nbdinfo and nbdcopy with nbds:// URIs."""
+"""Real clients over TLS against `nbdserve serve --tls required --tls-dir DIR`: qemu-img,
+qemu-io and qemu-system with a tls-creds-x509 object, nbdinfo, nbdcopy and nbdsh with nbds://."""
 
 import json
 import subprocess
@@ -56,6 +56,10 @@ def test_nbdinfo_and_nbdcopy(tls_server, tmp_path):
     source.write_bytes(b"\x33" * (16 * MiB))
     run(["nbdcopy", str(source), uri])
     assert image.read_bytes() == source.read_bytes()
+    # nbdsh (run as /usr/bin/python3 -m nbd: plain `nbdsh` finds the wrong python3 here).
+    nbdsh = run(["/usr/bin/python3", "-m", "nbd", "-c", "h.set_uri_allow_local_file(True)",
+                 "-c", f"h.connect_uri({uri!r})", "-c", "print(h.get_size(), h.get_tls_negotiated())"])
+    assert nbdsh.stdout.split() == ["16777216", "True"]
     # Plaintext nbd:// cannot get in.
     assert run(["nbdinfo", server.uri("disk")], check=False).returncode != 0
 
