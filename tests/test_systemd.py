@@ -37,8 +37,15 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
         assert "/usr/local/bin/nbdserve" in text or unit.suffix == ".socket"
         # install.sh links /usr/local/bin/nbdserve; here the venv's entry point stands in for it.
         (tmp_path / unit.name).write_text(text.replace("/usr/local/bin/nbdserve", str(NBDSERVE_BIN)))
-    result = run(["systemd-analyze", "verify", *sorted(map(str, tmp_path.glob("nbdserve*")))])
+    installed = sorted(map(str, tmp_path.glob("nbdserve*")))
+    result = run(["systemd-analyze", "verify", *installed])
     assert result.stderr == "" and result.stdout == ""
+    # systemd's own review of the sandboxing: exposure at most 2.5 of 10 ("OK") for both services.
+    services = [unit for unit in installed if unit.endswith(".service")]
+    review = run(["systemd-analyze", "security", "--offline=yes", "--threshold=25", *services], check=False)
+    assert review.returncode == 0, review.stdout
+    for unit in ("nbdserve.service", "nbdserve@i.service"):
+        assert re.search(rf"Overall exposure level for {re.escape(unit)}: [0-2]\.\d OK", review.stdout), unit
     service = (UNITS / "nbdserve.service").read_text()
     for setting in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=nbdserve",
                     "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
