@@ -26,5 +26,7 @@ def command_check_config(args) -> int:
         return 1
     exports = ", ".join(config.exports)
     listeners = ", ".join(str(listener) for listener in config.listeners)
-    print(f"{args.file}: valid: {len(config.exports)} exports ({exports}) on {listeners}")
+    # Groups (every LV of a volume group) name their exports only while serving.
+    groups = f" plus those {', '.join(config.providers)} will find" if config.providers else ""
+    print(f"{args.file}: valid: {len(config.exports)} exports ({exports}){groups} on {listeners}")
     return 0
