@@ -42,7 +42,7 @@ def busy_server(tmp_path, raw_image, spawn, notify):
         assert handle.pread(4096, offset) == b"\7" * 4096
     with pytest.raises(nbd.Error):
         handle.pread(4096, 16 * MiB)
-    yield control, metrics_port
+    yield control, metrics_port, config
     handle.shutdown()
     assert server.stop() == 0
 
@@ -52,8 +52,8 @@ def stats(*args) -> str:
 
 
 def test_stats_json_counts_real_io(busy_server):
-    control, _ = busy_server
-    snapshot = json.loads(stats("--socket", control, "--json"))
+    _, _, config = busy_server
+    snapshot = json.loads(stats("--config", config, "--json"))  # finds control.socket there
     vm1, vm2 = snapshot["exports"]["vm1"], snapshot["exports"]["vm2"]
     assert vm1["connections"] == 1 and vm1["in_flight"] == 0
     assert vm1["bytes_written"] == MiB
@@ -73,7 +73,7 @@ def test_stats_json_counts_real_io(busy_server):
 
 
 def test_stats_text_and_watch(busy_server):
-    control, _ = busy_server
+    control, _, _ = busy_server
     text = stats("--socket", control).splitlines()
     header = text[2].split()
     assert header == ["EXPORT", "CONN", "INFL", "READS", "WRITES", "OTHER", "READ", "WRITTEN",
@@ -96,7 +96,7 @@ def test_stats_without_a_server(tmp_path):
 
 
 def test_prometheus_metrics(busy_server):
-    _, port = busy_server
+    _, port, _ = busy_server
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         text = response.read().decode()
@@ -116,6 +116,12 @@ def test_prometheus_metrics(busy_server):
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
     assert missing.value.code == 404
+    head = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as response:
+        assert int(response.headers["Content-Length"]) == len(text.encode()) and response.read() == b""
+    with pytest.raises(urllib.error.HTTPError) as post:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", data=b"x", timeout=10)
+    assert post.value.code == 405
 
 
 def test_control_and_metrics_settings(tmp_path):
