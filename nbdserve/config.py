@@ -42,7 +42,7 @@ class Limits:
     max_in_flight: int = 64  # requests of one connection in progress at once
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish at shutdown
     max_connections: int = 512  # more are accepted and closed at once
-    max_connections_per_client: int = 64  # per client IP address (all unix clients count as one)
+    max_connections_per_client: int = 64  # per client IP address (unix clients: no limit but the total)
     handshake_timeout: float = 10.0  # seconds from connect to transmission (TLS included)
     idle_timeout: float = 0.0  # seconds without a request before a client is dropped; 0: never
 

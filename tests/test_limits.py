@@ -58,6 +58,22 @@ def test_connection_limits(start_server, raw_image):
     assert "refused: 3 connections are open (limits.max-connections)" in log
 
 
+def test_unix_clients_count_toward_the_total_only(start_server, raw_image):
+    server = start_server(config_for(raw_image(), **{"max-connections": 3, "max-connections-per-client": 1}),
+                          unix=True)
+    while "disconnected" not in server.log():  # start_server's probe must not count
+        time.sleep(0.05)
+    clients = [socket.socket(socket.AF_UNIX) for _ in range(4)]
+    greetings = []
+    for client in clients:
+        client.settimeout(5)
+        client.connect(server.socket_path)
+        greetings.append(client.recv(18))
+    assert [len(greeting) for greeting in greetings] == [18, 18, 18, 0]
+    for client in clients:
+        client.close()
+
+
 def test_handshake_and_idle_timeouts(start_server, raw_image):
     server = start_server(config_for(raw_image(), **{"handshake-timeout": 1, "idle-timeout": 1}))
     silent = greeted(server.port, HERE)

@@ -173,6 +173,10 @@ def test_subject_allowlist(start_server, raw_image, pki):
         client.start()
         assert final_reply(client, Option.INFO, info_payload("secret")) == Reply.ERR_TLS_REQD
         assert final_reply(client, Option.INFO, info_payload("public")) == Reply.ACK
+        # TLS_REQD is for INFO, GO and EXPORT_NAME only: other options find nothing.
+        assert final_reply(client, Option.STRUCTURED_REPLY) == Reply.ACK
+        query = meta_context_payload("secret", ("base:allocation",))
+        assert final_reply(client, Option.LIST_META_CONTEXT, query) == Reply.ERR_UNKNOWN
         starttls(client, pki.client_context())
         assert final_reply(client, Option.INFO, info_payload("secret")) == Reply.ERR_UNKNOWN
     with RawClient(server.port) as client:

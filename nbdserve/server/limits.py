@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 
 
 class ConnectionLimiter:
-    """Counts open connections in total and per client address (every unix socket client
-    counts as the same address)."""
+    """Counts open connections in total and per client IP address. Clients on a unix socket
+    count toward the total only: they are local, and one host may run many guests."""
 
     def __init__(self) -> None:
         self._open: Counter = Counter()
@@ -24,7 +24,7 @@ class ConnectionLimiter:
         """Count the connection in and return None, or return why it is refused."""
         if self._total >= limits.max_connections:
             return f"{limits.max_connections} connections are open (limits.max-connections)"
-        if self._open[client.address] >= limits.max_connections_per_client:
+        if client.address and self._open[client.address] >= limits.max_connections_per_client:
             return (f"{limits.max_connections_per_client} connections from this address are open "
                     "(limits.max-connections-per-client)")
         self._open[client.address] += 1

@@ -120,13 +120,17 @@ class Negotiator:
         self.block_size_agreed = False
         self.client = dataclasses.replace(self.client, tls=True, subject=subject)
 
-    async def _lookup(self, name: str) -> Export | tuple[Reply, str]:
+    async def _lookup(
+        self, name: str, *, needs_tls: Reply = Reply.ERR_TLS_REQD
+    ) -> Export | tuple[Reply, str]:
+        """The export, or the error to reply. `needs_tls` answers for a TLS-only export before
+        TLS: the spec allows ERR_TLS_REQD only for INFO, GO and EXPORT_NAME."""
         # Vetted before the catalog is touched: a refused client never causes an open, and
         # sees the same answer as for a name that does not exist.
         await self.catalog.discover(name)  # an export found at GO time, an LV made since LIST
         verdict = self.catalog.check(name, self.client)
         if verdict is Verdict.NEEDS_TLS:
-            return Reply.ERR_TLS_REQD, f"export {name!r} needs TLS with a client certificate"
+            return needs_tls, f"export {name!r} needs TLS with a client certificate"
         if verdict is Verdict.DENIED:
             log.info("%s: export %r refused (unknown or not allowed)", self.client, name)
             return Reply.ERR_UNKNOWN, f"no export named {name!r}"
@@ -174,7 +178,7 @@ class Negotiator:
         for query in event.queries:
             if ":" not in query:
                 return hs.send_error(Reply.ERR_INVALID, f"query {query!r} has no namespace")
-        export = await self._lookup(event.name)
+        export = await self._lookup(event.name, needs_tls=Reply.ERR_UNKNOWN)
         if not isinstance(export, Export):
             return hs.send_error(*export)
         hs.begin_meta_context_reply()
