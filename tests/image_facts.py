@@ -1,6 +1,7 @@
 """What an image file holds on disk, read straight from the file system to check the server."""
 
 import os
+import random
 from pathlib import Path
 
 
@@ -24,7 +25,11 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def write_at(path: Path, offset: int, data: bytes) -> None:
+def fill_ranges(path: Path, ranges: list[tuple[int, int]], seed: int) -> Path:
+    """Write random bytes (reproducible from `seed`) at each (start, end); leave the rest alone."""
+    rng = random.Random(seed)
     with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
+        for start, end in ranges:
+            f.seek(start)
+            f.write(rng.randbytes(end - start))
+    return path

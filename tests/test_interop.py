@@ -7,7 +7,7 @@ import random
 import pytest
 
 from conftest import run
-from image_facts import allocated_bytes, data_ranges, write_at
+from image_facts import allocated_bytes, data_ranges, fill_ranges
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -18,10 +18,7 @@ DATA_AT = [(0, MiB), (32 * MiB, 33 * MiB)]
 @pytest.fixture
 def sparse_image(raw_image):
     """A 64 MiB image with random data at DATA_AT and holes elsewhere."""
-    path = raw_image(SIZE)
-    rng = random.Random(1)
-    for start, end in DATA_AT:
-        write_at(path, start, rng.randbytes(end - start))
+    path = fill_ranges(raw_image(SIZE), DATA_AT, seed=1)
     assert data_ranges(path) == DATA_AT
     return path
 

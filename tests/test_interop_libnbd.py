@@ -11,7 +11,7 @@ import time
 import nbd
 import pytest
 
-from image_facts import allocated_bytes, write_at
+from image_facts import allocated_bytes, fill_ranges
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
@@ -22,11 +22,7 @@ HOLE_ZERO = nbd.STATE_HOLE | nbd.STATE_ZERO
 @pytest.fixture
 def image(raw_image):
     """8 MiB with random data at DATA_AT, holes elsewhere; the file's bytes are the reference."""
-    path = raw_image(SIZE)
-    rng = random.Random(3)
-    for start, end in DATA_AT:
-        write_at(path, start, rng.randbytes(end - start))
-    return path
+    return fill_ranges(raw_image(SIZE), DATA_AT, seed=3)
 
 
 @pytest.fixture
