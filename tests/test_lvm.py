@@ -8,7 +8,7 @@ from pathlib import Path
 import nbd
 import pytest
 import yaml
-from conftest import NBDSERVE, run
+from conftest import NBDSERVE, free_port, run
 from lvm_fixtures import lvm  # noqa: F401 (a fixture)
 
 from nbdserve.backend import OpenOptions
@@ -172,6 +172,24 @@ def test_lvm_list_command(lvm):
     missing = lvm_list("novg", check=False)
     assert missing.returncode == 1
     assert 'Volume group "novg" not found' in missing.stderr
+
+
+def test_serve_refuses_to_start_on_a_missing_group_or_lv(lvm):
+    vg = lvm.create_vg()
+
+    def serve(source: str) -> str:
+        result = run([*NBDSERVE, "serve", "-p", str(free_port()), source], env={**os.environ, **lvm.env},
+                     check=False, timeout=60)
+        assert result.returncode == 1, result.stderr
+        return result.stderr.splitlines()[-1]
+
+    assert serve("lvm:novg") == (
+        "nbdserve: error: exports of 'novg': lvm lvs: Volume group \"novg\" not found; "
+        "Cannot process volume group novg"
+    )
+    assert serve(f"lvm:{vg}/nope") == (
+        f"nbdserve: error: cannot open export 'nope': volume group '{vg}' has no LV named 'nope'"
+    )
 
 
 # Errors, straight from the driver.
