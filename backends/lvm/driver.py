@@ -37,10 +37,6 @@ class LvmConfig:
     # another volume, so its config differs and the catalog reopens it.
     uuid: str | None = None
 
-    @property
-    def full_name(self) -> str:
-        return f"{self.vg}/{self.lv}" if self.lv else self.vg
-
 
 class LvmDriver:
     name = "lvm"
