@@ -63,6 +63,7 @@ def test_loop_device_size_discard_and_zeroout(start_server, loop_device, tmp_pat
 
     assert backing.read_bytes()[4 * MiB + 300 : 4 * MiB + 300 + MiB + 1000] == bytes(MiB + 1000)
     ioctls = trace.read_text()
+    assert f"BLKGETSIZE64, [{SIZE}]" in ioctls
     assert f"BLKDISCARD, [{MiB}, {MiB}]" in ioctls
     # BLKZEROOUT of the whole 512-byte blocks inside the request.
     start = -(-(4 * MiB + 300) // 512) * 512
