@@ -87,6 +87,7 @@ class Server:
         ):
             log.warning("reload: listen, control and metrics changes take effect at restart")
         retired = await self.catalog.update(config.exports, config.default_export)
+        await self.catalog.update_providers(config.providers)
         self.config = config
         for connection in self.connections:
             if connection.export in retired:
