@@ -184,9 +184,11 @@ def parse_config(mapping, *, config_dir: Path | None = None) -> ServerConfig:
     exports_section = root.section("exports")
     exports = {}
     providers = {}
+    configured = []  # exports and providers' templates alike: both may list tls-subjects
     for name, value in exports_section.items():
         name = str(name)
         export = parse_export(name, value, exports_section.key_path(name), context)
+        configured.append(export)
         provider = export_provider(export)
         if provider is None:
             exports[name] = export
@@ -198,7 +200,7 @@ def parse_config(mapping, *, config_dir: Path | None = None) -> ServerConfig:
     if default_export is not None and default_export not in exports:
         raise root.error("default-export", f"names no configured export: {default_export!r}")
     limits = parse_limits(root.section("limits"))
-    tls = parse_tls(root.raw("tls"), root.key_path("tls"), config_dir=config_dir, exports=exports)
+    tls = parse_tls(root.raw("tls"), root.key_path("tls"), config_dir=config_dir, exports=configured)
     control = root.section("control")
     control_socket = control.str("socket")
     control.done()

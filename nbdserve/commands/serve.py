@@ -133,7 +133,7 @@ def command_serve(args) -> int:
 
     def load() -> ServerConfig:
         config = config_from_args(args)
-        config.tls = tls_from_flags(config.tls, config.exports, args.tls, args.tls_dir)
+        config.tls = tls_from_flags(config.tls, config.exports.values(), args.tls, args.tls_dir)
         return config
 
     config = load()

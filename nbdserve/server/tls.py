@@ -6,6 +6,7 @@ as the NBD spec asks.
 """
 
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import trio
 
 from ..access import normalize_subject
+from ..export import ExportConfig
 from ..protocol.errors import ProtocolError
 from ..settings import ConfigError, Section
 
@@ -60,13 +62,15 @@ class TLSHandshakeError(ProtocolError):
     """The TLS handshake after STARTTLS failed; the session cannot go on in plaintext."""
 
 
-def parse_tls(value, path: str, *, config_dir: Path | None, exports: dict) -> TLSConfig:
+def parse_tls(
+    value, path: str, *, config_dir: Path | None, exports: Iterable[ExportConfig]
+) -> TLSConfig:
     """`tls: off|optional|required`, or a mapping with `mode`, `dir` and `verify-peer`.
 
     When an export lists certificate subjects, clients are asked for a certificate (verified
     against the CA) even without verify-peer.
     """
-    client_certificates = any(export.access.tls_subjects for export in exports.values())
+    client_certificates = any(export.access.tls_subjects for export in exports)
     if value is None or value is False or isinstance(value, str):
         value = {"mode": value}
     section = Section(value, path)
@@ -146,7 +150,9 @@ def _escape(value: str) -> str:
     return escaped
 
 
-def tls_from_flags(current: TLSConfig, exports: dict, mode: str | None, directory: str | None) -> TLSConfig:
+def tls_from_flags(
+    current: TLSConfig, exports: Iterable[ExportConfig], mode: str | None, directory: str | None
+) -> TLSConfig:
     """The command line's --tls and --tls-dir over the config's `tls` section."""
     if mode is None and directory is None:
         return current
