@@ -98,3 +98,28 @@ def test_nbdcopy_and_qemu_img_round_trip(lvm, volume_group, start_server, tmp_pa
         f.write(b"\x77" * MIB)
     run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(sparse), uri])
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(sparse), uri])
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+def test_qcow2_on_an_lv(lvm, volume_group, start_server, tmp_path, cache):
+    """oVirt's layout: a qcow2 image on an LV, served through the format layered on the lvm source."""
+    device = lvm.loop_of(volume_group, "disk")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", device, str(DISK // 2)])
+    source = {"driver": "lvm", "vg": volume_group, "lv": "disk", "lvm-env": lvm.env}
+    server = start_server({"exports": {"vm": {"source": source, "format": "qcow2", "cache": cache}}})
+    uri = server.uri("vm")
+    info = json.loads(run(["qemu-img", "info", "--output=json", uri]).stdout)
+    assert info["virtual-size"] == DISK // 2  # the guest's view, not the LV's
+    image = tmp_path / "guest.raw"
+    image.write_bytes(random.Random(7).randbytes(DISK // 2))
+    run(["nbdcopy", str(image), uri])
+    qemu_io(uri, "discard 1M 1M", "write -z 3M 64k", "flush")
+    with open(image, "r+b") as f:
+        for offset, length in ((1 * MIB, MIB), (3 * MIB, 64 << 10)):
+            f.seek(offset)
+            f.write(bytes(length))
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), uri])
+    server.stop()
+    # The LV holds a consistent qcow2 image with that content.
+    run(["qemu-img", "check", "-q", "-f", "qcow2", device])
+    run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(image), device])
