@@ -16,6 +16,7 @@ MiB = 1024 * 1024
 SIZE = 4 * MiB
 PATTERN = bytes(range(256)) * (SIZE // 256)
 MAX_IN_FLIGHT = 4
+HANDSHAKE_TIMEOUT = 2
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def server(start_module_server, tmp_path_factory):
             "disk": {"source": str(image)},
             "direct": {"source": str(image), "cache": "none", "read-only": True},
         },
-        "limits": {"max-in-flight": MAX_IN_FLIGHT},
+        "limits": {"max-in-flight": MAX_IN_FLIGHT, "handshake-timeout": HANDSHAKE_TIMEOUT},
     })
 
 
@@ -87,6 +88,12 @@ def test_oldstyle_client_gets_a_newstyle_greeting_and_nothing_breaks(server):
     with RawClient(server.port) as client:
         assert client.receive_exact(8) == b"NBDMAGIC"
         assert client.receive_exact(8) == b"IHAVEOPT"
+    # One that sends nothing at all (an oldstyle client waiting for its greeting) is dropped.
+    with RawClient(server.port) as client:
+        client.greeting()
+        started = time.monotonic()
+        assert client.is_closed_by_server()
+        assert HANDSHAKE_TIMEOUT - 0.5 < time.monotonic() - started < HANDSHAKE_TIMEOUT + 5
     # One that goes away mid-greeting, or mid-option.
     with RawClient(server.port) as client:
         client.start()
