@@ -1,6 +1,7 @@
 """STARTTLS at the protocol level: FORCEDTLS refusals, the upgrade itself, what is forgotten
 across it, client certificates and subject allowlists, with libnbd and hand-made traffic."""
 
+import signal
 import ssl
 import struct
 import time
@@ -201,6 +202,23 @@ def test_subject_allowlist(start_server, raw_image, pki):
     assert listing(pki.bob) == ["public"]
     assert listing(pki.alice) == ["public", "secret"]
     assert_only_alice_gets_in(server.port, "secret", pki, refused=(pki.anonymous, pki.bob))
+
+
+def test_sighup_loads_new_certificates(start_server, raw_image, pki, tmp_path):
+    """Certificate rotation: after a reload, new connections get the new server certificate."""
+    server = start_server(tls_config(pki, raw_image(data=PATTERN)))
+    renewed = make_pki(tmp_path / "renewed")  # another CA altogether
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        (pki.server / name).write_bytes((renewed.server / name).read_bytes())
+    server.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reloaded" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(nbd.Error):
+        libnbd_connect(server.port, "disk", pki.anonymous)  # trusts the old CA only
+    handle = libnbd_connect(server.port, "disk", renewed.anonymous)
+    assert handle.pread(4096, 0) == PATTERN
+    handle.shutdown()
 
 
 @pytest.mark.parametrize("tls, message", [
