@@ -101,3 +101,30 @@ def test_config_errors_name_the_key(tmp_path, source, message):
     with pytest.raises(ConfigError) as error:
         parse_config({"state-dir": str(tmp_path), "exports": {"d": {"source": {"driver": "http", **source}}}})
     assert str(error.value).startswith(message)
+
+
+def test_a_qcow2_image_over_http(start_server, nginx, image):
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(image), str(nginx.root / "disk.qcow2")])
+    served = start_server(args=["-f", "qcow2", nginx.url("disk.qcow2")])
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", served.uri("disk.qcow2"), str(image)])
+
+
+def test_a_writable_overlay_on_an_http_base(start_server, nginx, image, tmp_path):
+    overlay = tmp_path / "overlay.qcow2"
+    run(["qemu-img", "create", "-f", "qcow2", "-b", nginx.url("disk.img"), "-F", "raw", str(overlay)])
+    base = image.read_bytes()
+    served = start_server({"exports": {"vm": {"format": "qcow2", "source": str(overlay)}}})
+    # Partial clusters: the rest of each cluster is copied from the HTTP base.
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 4k", "-c", "write -P 0xcd 7M 512", served.uri("vm")])
+    expected = bytearray(base)
+    expected[1 << 20 : (1 << 20) + 4096] = b"\xab" * 4096
+    expected[7 << 20 : (7 << 20) + 512] = b"\xcd" * 512
+    copy = tmp_path / "copy.img"
+    run(["nbdcopy", "--no-extents", served.uri("vm"), str(copy)])  # every byte, read back
+    assert copy.read_bytes() == expected
+    assert served.stop() == 0
+    assert image.read_bytes() == base  # the base is never written
+    run(["qemu-img", "check", str(overlay)])
+    (tmp_path / "expected.img").write_bytes(expected)
+    # QEMU reads the same overlay (and the base, with its own curl driver) the same way.
+    run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(overlay), str(tmp_path / "expected.img")])

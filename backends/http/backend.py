@@ -20,6 +20,7 @@ class HttpBackend:
 
     def __init__(self, remote: RemoteImage, config: HttpConfig) -> None:
         self.remote = remote
+        self.url = config.url  # where relative names (a qcow2 image's backing file) resolve from
         self.cache = BlockCache(config.cache_size, BLOCK_SIZE)
         self.loader = BlockLoader(remote, self.cache, BLOCK_SIZE, config.readahead, config.pool_size)
 
