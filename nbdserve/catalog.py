@@ -51,6 +51,7 @@ class Catalog:
         self._touched: set[Export] = set()  # found exports handed out since the last rescan
         self._users: dict[Export, list[Callable[[], None]]] = {}
         self._retiring: set[Export] = set()  # out of service, closed when their last user leaves
+        self._discovering: trio.Event | None = None  # set when the discovery under way ends
 
     def names(self) -> list[str]:
         return [*self._configs, *(name for name in self._found if name not in self._configs)]
@@ -147,6 +148,18 @@ class Catalog:
         exports that are gone or changed (an LV removed, or replaced under the same name) retire."""
         if not (self._providers or self._open_found) or self.resolve(name) in self._configs:
             return
+        if self._discovering is not None:
+            # One look-up at a time, however many clients ask (each runs lvs, say).
+            await self._discovering.wait()
+            return
+        self._discovering = trio.Event()
+        try:
+            await self._discover()
+        finally:
+            self._discovering.set()
+            self._discovering = None
+
+    async def _discover(self) -> None:
         found: dict[str, tuple[str, ExportConfig]] = {}
         for key, provider in self._providers.items():
             try:
@@ -220,10 +233,13 @@ class Catalog:
         while True:
             intervals = [provider.interval for provider in self._providers.values()]
             await trio.sleep(min(intervals, default=DEFAULT_DISCOVERY_INTERVAL))
-            if self._open_found:
-                await self.discover()
-            for export in [self._open[name] for name in self._open_found if name in self._open]:
-                await self._close_if_unused(export)
+            try:
+                if self._open_found:
+                    await self.discover()
+                for export in [self._open[name] for name in self._open_found if name in self._open]:
+                    await self._close_if_unused(export)
+            except Exception:
+                log.exception("checking found exports failed; trying again later")  # our bug
             self._touched.clear()
 
 
