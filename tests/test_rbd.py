@@ -192,6 +192,23 @@ def test_cache_modes_become_librbd_settings(ceph, make_image, serve_rbd, cache, 
     assert setting("client_mount_timeout") == "20"
 
 
+def test_qcow2_over_rbd(ceph, make_image, start_server, tmp_path):
+    # A qcow2 image whose bytes live in an RBD image, with room for clusters to be allocated.
+    local = tmp_path / "disk.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(local), str(SIZE)])
+    image = make_image(2 * SIZE)
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(local), ceph.spec(image)])
+    server = start_server(args=["-x", "disk", "-f", "qcow2", ceph.spec(image)])
+    uri = server.uri("disk")
+    qemu_io(uri, "write -P 0x42 1M 3M", "write -P 0x43 20M 64k", "flush")
+    entries = json.loads(run(["qemu-img", "map", "--output=json", "-f", "raw", uri]).stdout)
+    assert map_data_ranges(entries) == [(MiB, 4 * MiB), (20 * MiB, 20 * MiB + 65536)]
+    # QEMU's own qcow2 and rbd drivers, reading the RBD image directly, agree with the export.
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, ceph.spec(image)])
+    check = run(["qemu-img", "check", "-f", "qcow2", ceph.spec(image)])
+    assert "No errors were found" in check.stdout
+
+
 # Error paths, in-process: the messages a user sees in the log when an export cannot open.
 
 
