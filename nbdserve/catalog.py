@@ -52,6 +52,7 @@ class Catalog:
         self._users: dict[Export, list[Callable[[], None]]] = {}
         self._retiring: set[Export] = set()  # out of service, closed when their last user leaves
         self._discovering: trio.Event | None = None  # set when the discovery under way ends
+        self._discoveries_started = self._discoveries_done = 0
 
     def names(self) -> list[str]:
         return [*self._configs, *(name for name in self._found if name not in self._configs)]
@@ -148,16 +149,21 @@ class Catalog:
         exports that are gone or changed (an LV removed, or replaced under the same name) retire."""
         if not (self._providers or self._open_found) or self.resolve(name) in self._configs:
             return
-        if self._discovering is not None:
-            # One look-up at a time, however many clients ask (each runs lvs, say).
-            await self._discovering.wait()
-            return
-        self._discovering = trio.Event()
-        try:
-            await self._discover()
-        finally:
-            self._discovering.set()
-            self._discovering = None
+        # One look-up at a time, however many clients ask (each runs lvs, say); but only one
+        # that starts after the asking counts, or an LV made just before would be missed.
+        wanted = self._discoveries_started + 1
+        while self._discoveries_done < wanted:
+            if self._discovering is not None:
+                await self._discovering.wait()
+                continue
+            self._discoveries_started += 1
+            self._discovering = trio.Event()
+            try:
+                await self._discover()
+            finally:
+                self._discoveries_done = self._discoveries_started
+                self._discovering.set()
+                self._discovering = None
 
     async def _discover(self) -> None:
         found: dict[str, tuple[str, ExportConfig]] = {}
