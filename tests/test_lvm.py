@@ -145,7 +145,8 @@ def test_inactive_lv_is_refused_with_a_reason(lvm, start_server):
     vg = lvm.create_vg()
     lvm.create_lv(vg, "up", 4 * MIB)
     lvm.create_lv(vg, "down", 4 * MIB, activate=False)
-    server = start_server(group_export(lvm, vg))
+    server = start_server(args=["--cache", "none", f"lvm:{vg}"], env=lvm.env)  # every LV of the group
+    assert f"exports of {vg!r} are found while serving: nbdinfo --list nbd://127.0.0.1:" in server.log()
     assert listed(server) == ["down", "up"]
     assert "down" in go_error(server, "down")  # libnbd does not show the server's reason...
     assert f"LV {vg}/down is not active" in server.log()  # ...which the log has

@@ -125,6 +125,10 @@ def attach_hints(config: ServerConfig, addresses: list[str]) -> list[str]:
                 drive = f"file=nbd:{host}:{port}:exportname={name}"
             hints.append(f"export {name!r} ({export.format_driver.name}) at {uri}")
             hints.append(f"  attach a guest: kvm -drive {drive},format=raw,if=virtio")
+    for name in config.providers:
+        for address in addresses:
+            server = f"nbd+unix:///?socket={address[5:]}" if address.startswith("unix:") else f"nbd://{address}"
+            hints.append(f"exports of {name!r} are found while serving: nbdinfo --list {server}")
     return hints
 
 
