@@ -46,6 +46,7 @@ class LvmSandbox:
         self._pv_loops: list[str] = []
         self._lv_loops: dict[str, str] = {}  # "VG/LV" -> the loop device standing in for dm-linear
         self._groups: list[str] = []
+        self.images: dict[str, Path] = {}  # VG -> the file behind its PV
 
     def lvm(self, *args: str) -> str:
         result = subprocess.run(
@@ -75,6 +76,7 @@ class LvmSandbox:
         self.lvm("pvcreate", "-q", str(node))
         self.lvm("vgcreate", "-q", name, str(node))
         self._groups.append(name)
+        self.images[name] = image
         return name
 
     def create_lv(self, vg: str, name: str, size: int, *, tags=(), activate: bool = True) -> str:

@@ -1,6 +1,7 @@
 """Real clients (qemu-img, qemu-io, nbdinfo, nbdcopy) on an LV export, in every cache mode."""
 
 import json
+import os
 import random
 
 import pytest
@@ -65,6 +66,22 @@ def test_qemu_io_every_request_type(lvm, volume_group, start_server, cache):
         "read -P 0 14M 1M",
         f"read -P 0xa6 {DISK - MIB} 1M",
     )
+
+
+def test_trim_gives_the_space_back(lvm, volume_group, start_server):
+    """TRIM is BLKDISCARD on the LV, which reaches the storage under it (here: the PV's file)."""
+    server = serve_group(lvm, start_server, volume_group)
+    image = lvm.images[volume_group]
+
+    def allocated() -> int:
+        os.sync()
+        return os.stat(image).st_blocks * 512
+
+    empty = allocated()
+    qemu_io(server.uri("disk"), "write -P 0x3c 0 16M", "flush")
+    assert allocated() >= empty + 16 * MIB
+    qemu_io(server.uri("disk"), "discard 0 16M", "flush")
+    assert allocated() < empty + MIB
 
 
 def test_nbdinfo_shows_the_device(lvm, volume_group, start_server):
