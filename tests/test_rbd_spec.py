@@ -9,6 +9,7 @@ import pytest
 
 from backends.rbd import RbdConfig, RbdDriver
 from nbdserve import registry
+from nbdserve.commands.serve import export_name_for
 from nbdserve.registry import ParseContext
 from nbdserve.settings import ConfigError, Section
 
@@ -48,6 +49,11 @@ def test_qemu_syntax_errors(spec, message):
         registry.source_settings(spec)
     assert message in str(caught.value)
     assert spec in str(caught.value)
+
+
+def test_default_export_name_is_the_image():
+    assert export_name_for("rbd:pool/ns/vm1@snap:conf=/etc/ceph/ceph.conf:id=nbd") == "vm1@snap"
+    assert export_name_for("rbd:pool/vm1") == "vm1"
 
 
 def test_other_sources_are_not_claimed():

@@ -61,7 +61,8 @@ def register(subparsers) -> None:
 def export_name_for(spec: str) -> str:
     """The default export name: the last path component of the source."""
     tail = spec.split("://", 1)[-1].split("?", 1)[0].rstrip("/")
-    return PurePosixPath(tail.split(":", 1)[-1]).name or "disk"
+    # After a scheme, `:key=value` options may follow (rbd:pool/image:conf=FILE): not the name.
+    return PurePosixPath(tail.split(":", 1)[-1].split(":", 1)[0]).name or "disk"
 
 
 def listen_from_args(args) -> list[dict]:
