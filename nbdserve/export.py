@@ -117,16 +117,17 @@ class Export:
 
     def transmission_flags(self, *, structured: bool) -> TransmissionFlag:
         caps = self.capabilities
-        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_CACHE
-        # `unsafe` acknowledges FLUSH and FUA without syncing: saying so spares clients the trip.
-        if self._honours_flush:
-            flags |= TransmissionFlag.SEND_FLUSH
+        # FLUSH and FUA are advertised in every mode, as QEMU does: `unsafe` acknowledges them
+        # without syncing, so a guest behaves the same whatever the host's cache mode.
+        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_CACHE | TransmissionFlag.SEND_FLUSH
         if self.read_only:
             flags |= TransmissionFlag.READ_ONLY
         else:
-            flags |= TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
-            if self._honours_flush:
-                flags |= TransmissionFlag.SEND_FUA
+            flags |= (
+                TransmissionFlag.SEND_FUA
+                | TransmissionFlag.SEND_WRITE_ZEROES
+                | TransmissionFlag.SEND_FAST_ZERO
+            )
             if caps.can_trim:
                 flags |= TransmissionFlag.SEND_TRIM
         if structured:
