@@ -69,11 +69,11 @@ class BlockLoader:
                     data = self._pending[index] = Pending()
                     self._queue[index] = None
             found.append(data)
-        while wanted := [index for index in range(first, last + 1) if index in self._queue]:
+        while self._queued(first, last):
             async with self._slots:
-                batch = self._take_batch(wanted)
-                if batch:
-                    await self._fetch(batch)
+                # Another fetch may have taken our blocks while we waited for the slot.
+                if wanted := self._queued(first, last):
+                    await self._fetch(self._take_batch(wanted))
         blocks = []
         for item in found:
             if isinstance(item, Pending):
@@ -83,6 +83,9 @@ class BlockLoader:
                 item = item.data
             blocks.append(item)
         return blocks
+
+    def _queued(self, first: int, last: int) -> list[int]:
+        return [index for index in range(first, last + 1) if index in self._queue]
 
     def after_read(self, offset: int, length: int) -> None:
         """Start reading ahead of a sequential stream."""
