@@ -12,6 +12,7 @@ MIB = 1 << 20
 DISK = 32 * MIB
 NEIGHBOUR = 8 * MIB
 CACHE_MODES = ["writeback", "writethrough", "none", "directsync", "unsafe"]
+MODE_DISK = 16 * MIB
 
 
 @pytest.fixture
@@ -39,33 +40,39 @@ def qemu_io(uri: str, *commands: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("cache", CACHE_MODES)
-def test_qemu_io_every_request_type(lvm, volume_group, start_server, cache):
-    server = serve_group(lvm, start_server, volume_group, cache)
-    uri = server.uri("disk")
-    qemu_io(
-        uri,
-        "write -P 0xa1 0 4M",
-        "write -f -P 0xa2 4M 64k",  # FUA
-        "write -P 0xa3 5M 1536",  # not 4 KiB-aligned: read-modify-write under O_DIRECT
-        "discard 8M 1M",  # TRIM as BLKDISCARD
-        "write -P 0xa4 12M 1M",
-        "write -z 12M 1M",  # WRITE_ZEROES as BLKZEROOUT, without unmapping
-        "write -P 0xa5 14M 1M",
-        "write -z -u 14M 1M",
-        "flush",
-        f"write -P 0xa6 {DISK - MIB} 1M",  # the last MiB: the LV's end is where lvm says
-    )
-    qemu_io(
-        uri,
-        "read -P 0xa1 0 4M",
-        "read -P 0xa2 4M 64k",
-        "read -P 0xa3 5M 1536",
-        "read -P 0 8M 1M",
-        "read -P 0 12M 1M",
-        "read -P 0 14M 1M",
-        f"read -P 0xa6 {DISK - MIB} 1M",
-    )
+def test_qemu_io_every_request_type_in_every_cache_mode(lvm, start_server):
+    """One LV per cache mode, all served at once; every request type on each, then read back."""
+    vg = lvm.create_vg(size=len(CACHE_MODES) * MODE_DISK + 8 * MIB)
+    exports = {}
+    for mode in CACHE_MODES:
+        lvm.create_lv(vg, mode, MODE_DISK)
+        exports[mode] = {"source": {"driver": "lvm", "vg": vg, "lv": mode, "lvm-env": lvm.env}, "cache": mode}
+    server = start_server({"exports": exports})
+    for mode in CACHE_MODES:
+        qemu_io(
+            server.uri(mode),
+            "write -P 0xa1 0 4M",
+            "write -f -P 0xa2 4M 64k",  # FUA
+            "write -P 0xa3 5M 1536",  # not 4 KiB-aligned: read-modify-write under O_DIRECT
+            "discard 8M 1M",  # TRIM as BLKDISCARD
+            "write -P 0xa4 12M 1M",
+            "write -z 12M 1M",  # WRITE_ZEROES as BLKZEROOUT, without unmapping
+            "write -P 0xa5 14M 1M",
+            "write -z -u 14M 1M",
+            "flush",
+            f"write -P 0xa6 {MODE_DISK - MIB} 1M",  # the last MiB: the LV ends where lvm says
+        )
+    for mode in CACHE_MODES:  # after all the writes: none may have reached another LV
+        qemu_io(
+            server.uri(mode),
+            "read -P 0xa1 0 4M",
+            "read -P 0xa2 4M 64k",
+            "read -P 0xa3 5M 1536",
+            "read -P 0 8M 1M",
+            "read -P 0 12M 1M",
+            "read -P 0 14M 1M",
+            f"read -P 0xa6 {MODE_DISK - MIB} 1M",
+        )
 
 
 def test_trim_gives_the_space_back(lvm, volume_group, start_server):
