@@ -84,6 +84,26 @@ async def test_concurrent_reads_of_one_block_share_one_fetch(tmp_path, faulty_se
     await backend.close()
 
 
+async def test_random_reads_waiting_together_go_out_in_one_request(tmp_path, faulty_server, image):
+    server = faulty_server(image)
+    backend = await open_backend(tmp_path, server.url(), **{"pool-size": 1, "cache-size": 0})
+    rng = random.Random(3)
+    blocks = list(range(IMAGE_SIZE // BLOCK))
+
+    async def reader():
+        for _ in range(8):
+            offset = rng.choice(blocks) * BLOCK + 4096
+            assert await read(backend, offset, 512) == image[offset : offset + 512]
+
+    before = len(server.range_gets())
+    async with trio.open_nursery() as nursery:
+        for _ in range(16):
+            nursery.start_soon(reader)
+    # 128 reads by 16 readers, one request at a time: those that wait meanwhile are batched.
+    assert len(server.range_gets()) - before <= 32
+    await backend.close()
+
+
 async def test_sequential_reads_are_read_ahead(tmp_path, faulty_server, image):
     server = faulty_server(image)
     backend = await open_backend(tmp_path, server.url(), readahead="1M")
