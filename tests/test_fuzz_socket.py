@@ -19,7 +19,8 @@ from tls_pki import make_pki
 
 from nbdserve.protocol.constants import REQUEST_MAGIC, Option
 
-FUZZ_SECONDS = 6
+# NBDSERVE_FUZZ_SECONDS=600 for a long run; NBDSERVE_FUZZ_SEED replays a failure.
+FUZZ_SECONDS = float(os.environ.get("NBDSERVE_FUZZ_SECONDS", "6"))
 SEED = int(os.environ.get("NBDSERVE_FUZZ_SEED", "0")) or random.randrange(1 << 32)
 MiB = 1024 * 1024
 
