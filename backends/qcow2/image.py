@@ -48,10 +48,6 @@ def _fill_zeroes(view: memoryview) -> None:
         part[:] = _ZEROES[:len(part)]
 
 
-def _is_zero(data) -> bool:
-    return data == _ZEROES[:len(data)]
-
-
 @dataclass
 class ClusterChange:
     """A cluster whose L2 entry a write changes once its data is on the child."""
@@ -225,16 +221,21 @@ class Qcow2Image:
 
     async def _map(self, pos: int, end: int) -> tuple[int, int, int]:
         """(kind, host offset or compressed descriptor, length) of the run of guest bytes at `pos`."""
+        cluster = pos >> self.cluster_bits
+        word, bitmap = self._cached_entry(cluster) or await self._entry(cluster)
+        return self._map_cached(pos, end, word, bitmap)
+
+    def _map_cached(self, pos: int, end: int, word: int, bitmap: int) -> tuple[int, int, int]:
+        """_map, given the entry of the cluster at `pos` (its L2 table is cached, if it has one)."""
         cb, ub = self.cluster_bits, self.unit_bits
         cluster = pos >> cb
-        word, bitmap = self._cached_entry(cluster) or await self._entry(cluster)
         unit = pos >> ub
         kind, host = self._unit(word, bitmap, unit)
         if kind == COMPRESSED_DATA:
             return kind, host, min(end, (cluster + 1) << cb) - pos
         if kind == DATA:
             if word & OFFSET_MASK & (self.cluster_size - 1):
-                raise hdr.corrupt(f"data cluster at unaligned offset {host:#x}")
+                raise hdr.corrupt(f"data cluster at unaligned offset {word & OFFSET_MASK:#x}")
             host += pos & ((1 << ub) - 1)
         table_end = min(end, ((cluster >> self.l2_bits) + 1) << (self.l2_bits + cb))
         run_end = min(table_end, (unit + 1) << ub)
@@ -308,6 +309,53 @@ class Qcow2Image:
         return decompress(self.header.compression_type, data[offset - aligned_start:end - aligned_start],
                           self.cluster_size)
 
+    def try_pread(self, buf: memoryview, offset: int) -> bool:
+        """Serve a read on the event loop if its tables are cached and its data is in the page cache."""
+        child_try = getattr(self.child, "try_pread", None)
+        if child_try is None:
+            return False
+        pos, end = offset, offset + len(buf)
+        while pos < end:
+            entry = self._cached_entry(pos >> self.cluster_bits)
+            if entry is None:
+                return False
+            try:
+                kind, host, length = self._map_cached(pos, end, *entry)
+            except OSError:
+                return False  # the async path reports it
+            view = buf[pos - offset:pos - offset + length]
+            if kind == DATA:
+                inside = max(0, min(length, self.io.host_end - host))
+                if inside and not child_try(view[:inside], host):
+                    return False
+                _fill_zeroes(view[inside:])
+            elif kind == ZERO or kind == UNALLOCATED and self.backing is None:
+                _fill_zeroes(view)
+            elif kind == UNALLOCATED and getattr(self.backing, "try_pread", None):
+                inside = max(0, min(length, self.backing.get_size() - pos))
+                if inside and not self.backing.try_pread(view[:inside], pos):
+                    return False
+                _fill_zeroes(view[inside:])
+            else:
+                return False
+            pos += length
+        return True
+
+    def try_pwrite(self, buf, offset: int) -> bool:
+        """Serve a write on the event loop if it changes no metadata and the child can write inline."""
+        child_try = getattr(self.child, "try_pwrite", None)
+        if child_try is None:
+            return False
+        runs = self._in_place_runs(offset, len(buf))
+        if runs is None:
+            return False
+        data = memoryview(buf)
+        for host, start, length in runs:
+            if not child_try(data[start:start + length], host):
+                return False
+            self.io.host_end = max(self.io.host_end, host + length)
+        return True
+
     def _io_done(self) -> None:
         self._active -= 1
         if not self._active and self.refcounts.quarantine:
@@ -358,10 +406,17 @@ class Qcow2Image:
             await self._write_chunk(data[pos - offset:chunk_end - offset], pos)
             pos = chunk_end
 
+    async def _acquire(self) -> None:
+        """Take the metadata lock; when it is free, without a trip through the scheduler."""
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
     async def _wait_idle(self, first: int, last: int) -> None:
         """Return with the lock held and no cluster in [first, last] being filled."""
         while True:
-            await self._lock.acquire()
+            await self._acquire()
             busy = next((e for c, e in self._filling.items() if first <= c <= last), None)
             if busy is None:
                 return
@@ -388,7 +443,8 @@ class Qcow2Image:
                     await self._abandon(changes)
             raise
         with trio.CancelScope(shield=True):
-            async with self._lock:
+            await self._acquire()
+            try:
                 for change in changes:
                     await self._set_entry(change.cluster, change.word, change.bitmap)
                     for index, count in change.release:
@@ -396,6 +452,8 @@ class Qcow2Image:
                     self._filling.pop(change.cluster).set()
                 if self._sync:
                     await self._commit()
+            finally:
+                self._lock.release()
 
     async def _abandon(self, changes: list[ClusterChange]) -> None:
         for change in changes:
@@ -488,16 +546,17 @@ class Qcow2Image:
     async def _write_fill(self, fill: Fill, data: memoryview, guest: int) -> None:
         """Write the window: old contents around the request's bytes."""
         lo, hi = max(fill.start, guest), min(fill.end, guest + len(data))
+        middle = data[lo - guest:hi - guest]
+        if fill.fresh and await self._reads_zero(fill.start, lo) and await self._reads_zero(hi, fill.end):
+            await self.io.write(middle, fill.host + lo - fill.start)  # the rest reads as zeroes already
+            return
         head = bytearray(lo - fill.start)
         tail = bytearray(fill.end - hi)
         if head:
             await self._read(memoryview(head), fill.start)
         if tail:
             await self._read(memoryview(tail), hi)
-        middle = data[lo - guest:hi - guest]
-        if fill.fresh and _is_zero(head) and _is_zero(tail):
-            await self.io.write(middle, fill.host + lo - fill.start)  # the rest reads as zeroes already
-        elif not head and not tail:
+        if not head and not tail:
             await self.io.write(middle, fill.host)
         else:
             await self.io.write(b"".join((head, middle, tail)), fill.host)
@@ -613,29 +672,27 @@ class Qcow2Image:
         result = []
         pos = offset
         while pos < end:
-            kind, _, count = await self._map(pos, end)
+            kind, host, count = await self._map(pos, end)
             if kind == UNALLOCATED:
                 result.extend(await self._backing_extents(pos, count))
+            elif kind == DATA:
+                result.extend(await self._host_extents(host, count))
             else:
                 result.append(Extent(count, hole=kind == ZERO, zero=kind == ZERO))
             pos += count
         return result
 
+    async def _host_extents(self, host: int, count: int) -> list[Extent]:
+        """Allocated data, which reads as zeroes where the child has a hole (as QEMU reports it)."""
+        inside = max(0, min(count, self.io.host_end - host))
+        result = [Extent(e.length, zero=e.zero) for e in await _extents_of(self.child, host, inside)]
+        if count > inside:
+            result.append(Extent(count - inside))  # past the end of the file: QEMU says data
+        return result
+
     async def _backing_extents(self, pos: int, count: int) -> list[Extent]:
-        backing = self.backing
-        inside = 0 if backing is None else max(0, min(count, backing.get_size() - pos))
-        result = []
-        covered = 0
-        while covered < inside:
-            if not backing.capabilities.can_extents:
-                result.append(Extent(inside - covered))
-                break
-            for extent in await backing.extents(pos + covered, inside - covered):
-                size = min(extent.length, inside - covered)
-                if size <= 0:
-                    break
-                result.append(Extent(size, hole=extent.hole, zero=extent.zero))
-                covered += size
+        inside = 0 if self.backing is None else max(0, min(count, self.backing.get_size() - pos))
+        result = await _extents_of(self.backing, pos, inside) if inside else []
         if count > inside:
             result.append(Extent(count - inside, hole=True, zero=True))
         return result
@@ -700,3 +757,23 @@ class Qcow2Image:
 
     async def cache(self, offset: int, length: int) -> None:
         raise BackendError(errno.EOPNOTSUPP, "CACHE is emulated by the export")
+
+
+async def _extents_of(backend: Backend, offset: int, count: int) -> list[Extent]:
+    """`backend`'s extents over exactly [offset, offset + count); what it does not report is data
+    (a file child knows its size from when it was opened, and reports nothing past it)."""
+    result = []
+    covered = 0
+    while covered < count:
+        extents = await backend.extents(offset + covered, count - covered) if backend.capabilities.can_extents else []
+        before = covered
+        for extent in extents:
+            size = min(extent.length, count - covered)
+            if size <= 0:
+                break
+            result.append(Extent(size, hole=extent.hole, zero=extent.zero))
+            covered += size
+        if covered == before:
+            result.append(Extent(count - covered))
+            break
+    return result
