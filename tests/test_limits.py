@@ -96,7 +96,7 @@ def test_handshake_and_idle_timeouts(start_server, raw_image):
         raise AssertionError("a client idle for 3 s was not dropped")
     log = server.log()
     assert log.count("no export chosen within 1 s (limits.handshake-timeout)") == 2
-    assert log.count("client idle for 1 s: closing (limits.idle-timeout)") == 1
+    assert log.count("idle for 1 s, closing (limits.idle-timeout)") == 1
 
 
 def test_shutdown_does_not_wait_for_idle_or_stuck_clients(start_server, raw_image):

@@ -100,7 +100,7 @@ class Connection:
                 return
             if self.limits.idle_timeout:
                 self.stream = IdleTimeoutStream(
-                    self.stream, self.limits.idle_timeout, busy=lambda: self.in_flight > 0
+                    self.stream, self.limits.idle_timeout, lambda: self.in_flight > 0, self.peer
                 )
             await self._transmission(negotiator)
         except ConnectionClosed:
@@ -111,6 +111,10 @@ class Connection:
             log.info("%s: connection lost: %s", self.peer, exc)
         finally:
             with trio.CancelScope(shield=True):
+                # Over TLS this sends close_notify first, as the spec asks of the side that
+                # hangs up; a peer that does not read cannot hold the close up for long.
+                with trio.move_on_after(1):
+                    await self.stream.aclose()
                 await trio.aclose_forcefully(self.stream)
 
     async def _receive(self) -> bytes:

@@ -42,17 +42,20 @@ class IdleTimeoutStream(trio.abc.Stream):
     """A stream whose reads end (as if at EOF) once the client has sent nothing for `timeout`
     seconds while `busy()` is false: an idle client frees its slot, a slow request does not."""
 
-    def __init__(self, stream: trio.abc.Stream, timeout: float, busy: Callable[[], bool]) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, timeout: float, busy: Callable[[], bool], peer: str
+    ) -> None:
         self.stream = stream
         self.timeout = timeout
         self.busy = busy
+        self.peer = peer
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while True:
             with trio.move_on_after(self.timeout):
                 return await self.stream.receive_some(max_bytes)
             if not self.busy():
-                log.info("client idle for %g s: closing (limits.idle-timeout)", self.timeout)
+                log.info("%s: idle for %g s, closing (limits.idle-timeout)", self.peer, self.timeout)
                 return b""
 
     async def send_all(self, data) -> None:
