@@ -39,7 +39,7 @@ SUBCLUSTERS = 32
 # What a run of guest bytes maps to.
 UNALLOCATED, ZERO, DATA, COMPRESSED_DATA = range(4)
 
-_ZEROES = bytes(2 * 1024 * 1024)
+_ZEROES = memoryview(bytes(2 * 1024 * 1024))  # sliced without copying
 
 
 def _fill_zeroes(view: memoryview) -> None:
@@ -119,6 +119,12 @@ class Qcow2Image:
     def get_size(self) -> int:
         return self.size
 
+    @property
+    def _refcounts_may_lag(self) -> bool:
+        """With lazy refcounts and the dirty bit on disk, a crash is repaired at the next open, so
+        refcounts need not reach the disk before the L2 entries that use them."""
+        return self._lazy and bool(self.header.incompatible & hdr.INCOMPAT_DIRTY)
+
     # The header.
 
     async def _write_header(self) -> None:
@@ -192,7 +198,7 @@ class Qcow2Image:
             victim = self.l2_cache.victim()
             if victim.dirty:
                 # The refcounts of what the table points at go first.
-                if await self.refcounts.write_dirty() and not self._lazy:
+                if await self.refcounts.write_dirty() and not self._refcounts_may_lag:
                     await self.io.barrier()
                 await self.io.write_table(victim)
             self.l2_cache.drop(victim.offset)
@@ -595,7 +601,7 @@ class Qcow2Image:
         if fast:
             raise BackendError(errno.EOPNOTSUPP, "zeroing this range needs writing data")
         for start in range(lo, hi, len(_ZEROES)):
-            await self.pwrite(memoryview(_ZEROES)[:min(len(_ZEROES), hi - start)], start)
+            await self.pwrite(_ZEROES[:min(len(_ZEROES), hi - start)], start)
 
     async def _reads_zero(self, lo: int, hi: int) -> bool:
         pos = lo
@@ -707,7 +713,7 @@ class Qcow2Image:
             return
         if self._lazy:
             await self.set_incompatible(hdr.INCOMPAT_DIRTY, True)
-        if await refcounts.write_dirty() and not self._lazy and (l2_dirty or self.l1.dirty):
+        if await refcounts.write_dirty() and not self._refcounts_may_lag and (l2_dirty or self.l1.dirty):
             await self.io.barrier()
         for table in l2_dirty:
             await self.io.write_table(table)
