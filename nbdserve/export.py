@@ -110,6 +110,7 @@ class Export:
         self._honours_flush = options.cache.honours_flush
         # Optional synchronous fast paths of the backend contract.
         self._try_pread = getattr(backend, "try_pread", None)
+        self.reads_inline = self._try_pread is not None  # else a read always needs a task
         self._try_pwrite = getattr(backend, "try_pwrite", None)
 
     def __repr__(self) -> str:

@@ -230,8 +230,8 @@ class Connection:
         except RequestError:
             return None  # the task path replies with the error
         if command == _READ:
-            if not request.length:
-                return None
+            if not request.length or not export.reads_inline:
+                return None  # spare the reply buffer a backend without try_pread never fills
             reply, data = self._reply_buffer(self._read_header, request.length)
             if not export.try_read(data, request.offset):
                 return None
