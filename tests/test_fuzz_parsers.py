@@ -196,7 +196,9 @@ def drive_transmission(chunks: list[bytes]) -> tuple[list, bool]:
                 requests.append(request)
             # Waiting: at most a header, or one payload within the limit, is held.
             assert len(parser._buffer) < REQUEST_HEADER or parser._payload is not None
-            assert parser._payload is None or len(parser._payload) <= MAX_PAYLOAD
+            # A payload holds at most a first megabyte more than what has arrived.
+            payload = parser._payload
+            assert payload is None or len(payload.data) <= max(payload.PREALLOCATE, payload.filled)
     except ProtocolError:
         return requests, True
     return requests, False

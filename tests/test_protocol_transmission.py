@@ -151,6 +151,26 @@ def test_oversized_write_is_refused_at_its_header_and_never_buffered():
     assert parser.next_event() == Request(2, Command.FLUSH, 0, 0, 0)
 
 
+def test_write_payload_memory_follows_the_bytes_that_arrived():
+    """A header claiming 32 MiB must not make the parser allocate 32 MiB: a client could hold
+    that much per connection by sending headers alone."""
+    length = 32 * 1024 * 1024
+    parser = TransmissionParser(max_payload=length)
+    tracemalloc.start()
+    try:
+        parser.receive_data(request(Command.WRITE, 0, length))
+        assert parser.next_event() is NEED_DATA
+        header_only = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert header_only < 2 * 1024 * 1024
+    payload = bytes(range(256)) * (length // 256)
+    for start in range(0, length, 3 * 1024 * 1024):  # chunks straddle the first megabyte
+        parser.receive_data(payload[start : start + 3 * 1024 * 1024])
+    event = parser.next_event()
+    assert event.length == length and event.data == payload
+
+
 @pytest.mark.parametrize("mode", ["whole", "bytewise"])
 def test_bad_request_magic_is_a_protocol_error(mode):
     data = request(Command.FLUSH, cookie=1) + request(Command.READ, 0, 1, magic=0x12345678)

@@ -40,15 +40,40 @@ class Request:
         return self.command == Command.WRITE and self.data is None
 
 
+class _Payload:
+    """A WRITE payload being received. Memory follows the bytes that arrived, beyond a first
+    megabyte: a header alone must not make the server allocate 32 MiB per connection."""
+
+    PREALLOCATE = 1024 * 1024
+
+    def __init__(self, header: tuple, length: int) -> None:
+        self.header = header
+        self.length = length
+        self.data = bytearray(min(length, self.PREALLOCATE))
+        self.filled = 0
+
+    @property
+    def missing(self) -> int:
+        return self.length - self.filled
+
+    def feed(self, chunk) -> int:
+        """Take what belongs to this payload from `chunk`; return how many bytes."""
+        count = min(len(chunk), self.missing)
+        fits = min(count, len(self.data) - self.filled)
+        self.data[self.filled : self.filled + fits] = chunk[:fits]
+        if fits < count:
+            self.data += chunk[fits:count]
+        self.filled += count
+        return count
+
+
 class TransmissionParser:
     """Turns the client's byte stream into `Request` events."""
 
     def __init__(self, *, max_payload: int, initial_data: bytes = b"") -> None:
         self._max_payload = max_payload
         self._buffer = ReceiveBuffer()
-        self._header: tuple | None = None  # a WRITE header whose payload is arriving
-        self._payload: memoryview | None = None
-        self._payload_filled = 0
+        self._payload: _Payload | None = None  # a WRITE whose payload is arriving
         self._drain = 0
         if initial_data:
             self._buffer.append(initial_data)
@@ -60,10 +85,7 @@ class TransmissionParser:
             data = data[dropped:]
         if self._payload is not None and not len(self._buffer):
             # Straight into the payload: one copy instead of two.
-            count = min(len(data), len(self._payload) - self._payload_filled)
-            self._payload[self._payload_filled : self._payload_filled + count] = data[:count]
-            self._payload_filled += count
-            data = data[count:]
+            data = data[self._payload.feed(data) :]
         if data:
             self._buffer.append(data)
 
@@ -71,12 +93,13 @@ class TransmissionParser:
         if self._drain:
             return NEED_DATA
         if self._payload is not None:
-            self._payload_filled += self._buffer.take_into(self._payload[self._payload_filled :])
-            if self._payload_filled < len(self._payload):
+            payload = self._payload
+            if len(self._buffer):
+                payload.feed(self._buffer.take(min(len(self._buffer), payload.missing)))
+            if payload.missing:
                 return NEED_DATA
-            payload = self._payload.obj
             self._payload = None
-            return self._request(self._header, payload)
+            return self._request(payload.header, payload.data)
         raw = self._buffer.take(_REQUEST.size)
         if raw is None:
             return NEED_DATA
@@ -92,9 +115,8 @@ class TransmissionParser:
         payload = self._buffer.take(length)
         if payload is not None:
             return self._request(header, payload)
-        self._header = header
-        self._payload = memoryview(bytearray(length))
-        self._payload_filled = self._buffer.take_into(self._payload)
+        self._payload = _Payload(header, length)
+        self._payload.feed(self._buffer.take_all())
         return NEED_DATA
 
     @staticmethod
