@@ -131,10 +131,13 @@ def test_snapshot_is_exported_read_only(ceph, make_image, serve_rbd, start_serve
     assert handle.pread(MiB, 0) == b"\x11" * MiB
     assert extents(handle, SIZE, 0) == [(OBJECT, 0), (SIZE - OBJECT, HOLE_ZERO)]
     assert errno_of(handle.pwrite, b"\x33" * 4096, 0) == errno.EPERM
-    # By QEMU's syntax on the command line; the image itself moved on.
+    # By QEMU's syntax on the command line.
     server = start_server(args=["-x", "snap", ceph.spec(f"{image}@before")])
     assert connect(server.uri("snap")).pread(2 * MiB, 0) == b"\x11" * MiB + bytes(MiB)
-    qemu_io(ceph.spec(image), "read -P 0x22 0 1M")
+    # The image itself, read-only: opened without taking its exclusive lock, so QEMU still writes.
+    _, uri = serve_rbd(image, read_only=True)
+    assert connect(uri).pread(MiB, 8 * MiB) == b"\x22" * MiB
+    qemu_io(ceph.spec(image), "write -P 0x44 16M 1M", "read -P 0x22 0 1M")
 
 
 def test_real_clients_and_qemu_rbd_agree(ceph, make_image, start_server, tmp_path):
