@@ -59,6 +59,7 @@ class HttpBackend:
         pass  # nothing is ever written
 
     async def close(self) -> None:
+        self.loader.closed = True
         self.remote.close()
 
 

@@ -1,10 +1,13 @@
 """Getting blocks into the cache: shared fetches, batching, and readahead in the background.
 
 A block that is missing gets one `Pending` entry, whoever asks for it, so concurrent reads of the
-same block share one fetch. Fetches run in worker threads, at most `pool_size` at once. A read
-whose blocks are still queued takes a free slot and fetches them itself, together with whatever
-else is queued (adjacent blocks merge into one range, others ride along as extra ranges of the same
-request when the server allows it). Waiting is only ever on the fetch that brings a needed block.
+same block share one fetch, and waiting is only ever on the fetch that brings a needed block. At
+most `pool_size` fetches run at once, each in a worker thread. A read whose blocks are queued
+fetches them itself if a slot is free, together with whatever else is queued: adjacent blocks merge
+into one range, others ride along as extra ranges of the same request when the server allows it.
+With every slot busy it just waits: each fetch, as it ends, starts the next one for what has
+queued meanwhile (in a task of its own, so its reader is not held up). Readahead queues behind
+reads and uses slots reads leave free.
 """
 
 import errno
@@ -42,11 +45,16 @@ class BlockLoader:
         self.cache = cache
         self.block_size = block_size
         self.block_count = -(-remote.size // block_size)
+        self.pool_size = pool_size
         self._pending: dict[int, Pending] = {}  # blocks being fetched or queued for a fetch
-        self._queue: dict[int, None] = {}  # pending blocks no fetch has taken yet, oldest first
-        self._slots = trio.CapacityLimiter(pool_size)
+        # Pending blocks no fetch has taken yet, oldest first: for reads, and for readahead.
+        self._queue: dict[int, None] = {}
+        self._ahead: dict[int, None] = {}
+        self._fetching = 0  # fetches in flight
+        self._threads = trio.CapacityLimiter(pool_size)
         self._max_blocks = max(1, MAX_FETCH // block_size)
         self._detector = SequentialDetector(readahead // block_size, block_size)
+        self.closed = False
 
     def cached(self, first: int, last: int) -> list[memoryview] | None:
         """The blocks if all are cached (no waiting, no side effects otherwise)."""
@@ -61,6 +69,7 @@ class BlockLoader:
     async def load(self, first: int, last: int) -> list[memoryview]:
         """Blocks first..last, fetching what is not cached."""
         found: list[memoryview | Pending] = []
+        wanted = []
         for index in range(first, last + 1):
             data = self.cache.get(index)
             if data is None:
@@ -68,12 +77,19 @@ class BlockLoader:
                 if data is None:
                     data = self._pending[index] = Pending()
                     self._queue[index] = None
+                elif index in self._ahead:  # readahead not started yet: a read needs it now
+                    del self._ahead[index]
+                    self._queue[index] = None
+                if index in self._queue:
+                    wanted.append(index)
             found.append(data)
-        while self._queued(first, last):
-            async with self._slots:
-                # Another fetch may have taken our blocks while we waited for the slot.
-                if wanted := self._queued(first, last):
-                    await self._fetch(self._take_batch(wanted))
+        if wanted and self._fetching < self.pool_size:
+            self._fetching += 1
+            try:
+                await self._fetch(self._take_batch(wanted))
+            finally:
+                self._fetching -= 1
+                self._start_fetches()
         blocks = []
         for item in found:
             if isinstance(item, Pending):
@@ -84,32 +100,39 @@ class BlockLoader:
             blocks.append(item)
         return blocks
 
-    def _queued(self, first: int, last: int) -> list[int]:
-        return [index for index in range(first, last + 1) if index in self._queue]
-
     def after_read(self, offset: int, length: int) -> None:
-        """Start reading ahead of a sequential stream."""
+        """Queue reading ahead of a sequential stream."""
         window = self._detector.observe(offset, length)
         if window is None:
             return
         start, end = window[0], min(window[1], self.block_count - 1)
-        missing = [i for i in range(start, end + 1) if i not in self._pending and i not in self.cache]
-        if not missing:
-            return
-        for index in missing:
-            self._pending[index] = Pending()
-        # A task of its own, so no read waits for blocks it did not ask for.
-        trio.lowlevel.spawn_system_task(self._read_ahead, missing, name="http readahead")
+        for index in range(start, end + 1):
+            if index not in self._pending and index not in self.cache:
+                self._pending[index] = Pending()
+                self._ahead[index] = None
+        self._start_fetches()
 
-    async def _read_ahead(self, blocks: list[int]) -> None:
+    def _start_fetches(self) -> None:
+        """Fetch what is queued, in tasks of their own, while slots are free."""
+        while self._fetching < self.pool_size and (self._queue or self._ahead) and not self.closed:
+            self._fetching += 1
+            trio.lowlevel.spawn_system_task(self._fetch_in_background, self._take_batch([]),
+                                            name="http fetch")
+
+    async def _fetch_in_background(self, batch: list[int]) -> None:
         try:
-            async with self._slots:
-                await self._fetch(blocks)
+            await self._fetch(batch)
         except Exception:  # a bug: must not take the server down from a system task
-            log.exception("http source %s: readahead failed", self.remote.name)
+            log.exception("http source %s: fetch failed", self.remote.name)
+        finally:
+            self._fetching -= 1
+            self._start_fetches()
 
     def _take_batch(self, wanted: list[int]) -> list[int]:
-        """Queued blocks for one request: the caller's first, then the oldest others."""
+        """Queued blocks for one request: the caller's first, then the oldest others; readahead
+        (one run) only when no read waits."""
+        if not self._queue:
+            return self._queued_run(self._ahead, next(iter(self._ahead)), self._max_blocks)
         batch: list[int] = []
         runs = 0
         for index in chain(wanted, list(self._queue)):
@@ -117,28 +140,28 @@ class BlockLoader:
                 continue
             if runs == self.remote.max_ranges or len(batch) == self._max_blocks:
                 break
-            run = self._queued_run(index, self._max_blocks - len(batch))
-            for member in run:
-                del self._queue[member]
-            batch.extend(run)
+            batch.extend(self._queued_run(self._queue, index, self._max_blocks - len(batch)))
             runs += 1
         return batch
 
-    def _queued_run(self, index: int, limit: int) -> list[int]:
-        """The queued blocks contiguous with `index`, at most `limit` of them."""
+    @staticmethod
+    def _queued_run(queue: dict[int, None], index: int, limit: int) -> list[int]:
+        """Take from `queue` the blocks contiguous with `index`, at most `limit` of them."""
         start = index
-        while start - 1 in self._queue and index - start + 1 < limit:
+        while start - 1 in queue and index - start + 1 < limit:
             start -= 1
         end = index
-        while end + 1 in self._queue and end - start + 1 < limit:
+        while end + 1 in queue and end - start + 1 < limit:
             end += 1
+        for member in range(start, end + 1):
+            del queue[member]
         return list(range(start, end + 1))
 
     async def _fetch(self, batch: list[int]) -> None:
         runs: list[tuple[int, bytes]] | None = None
         error: OSError = BackendError(errno.EIO, "the read was cancelled")
         try:
-            runs = await trio.to_thread.run_sync(self._fetch_runs, batch)
+            runs = await trio.to_thread.run_sync(self._fetch_runs, batch, limiter=self._threads)
         except OSError as exc:
             error = exc
         finally:
