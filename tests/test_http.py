@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 from conftest import run
-from http_servers import nginx  # noqa: F401 (a fixture)
+from http_servers import faulty_server, nginx  # noqa: F401 (fixtures)
 
 from nbdserve.config import parse_config
 from nbdserve.settings import ConfigError
@@ -128,3 +128,18 @@ def test_a_writable_overlay_on_an_http_base(start_server, nginx, image, tmp_path
     (tmp_path / "expected.img").write_bytes(expected)
     # QEMU reads the same overlay (and the base, with its own curl driver) the same way.
     run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(overlay), str(tmp_path / "expected.img")])
+
+
+def test_a_failing_server_gives_eio_and_serving_goes_on(start_server, faulty_server, tmp_path):
+    image = random.Random(9).randbytes(2 * 1024 * 1024)
+    remote = faulty_server(image)
+    served = start_server({"exports": {"d": {"source": {"driver": "http", "url": remote.url(), "retries": 1}}}})
+    uri = served.uri("d")
+    pattern = image[0]
+    run(["qemu-io", "-r", "-f", "raw", "-c", f"read -P {pattern} 0 1", uri])
+    remote.faults.fail_next = 100
+    failed = run(["qemu-io", "-r", "-f", "raw", "-c", "read 1M 4k", uri], check=False)
+    assert "Input/output error" in failed.stdout + failed.stderr
+    remote.faults.fail_next = 0
+    run(["qemu-io", "-r", "-f", "raw", "-c", f"read -P {image[1 << 20]} 1M 1", uri])
+    assert "read failed after 2 attempts: HTTP 503" in served.log()
