@@ -10,13 +10,10 @@ queued meanwhile (in a task of its own, so its reader is not held up). Readahead
 reads and uses slots reads leave free.
 """
 
-import errno
 import logging
 from itertools import chain
 
 import trio
-
-from nbdserve.backend import BackendError
 
 from .cache import BlockCache
 from .readahead import SequentialDetector
@@ -158,22 +155,22 @@ class BlockLoader:
         return list(range(start, end + 1))
 
     async def _fetch(self, batch: list[int]) -> None:
-        runs: list[tuple[int, bytes]] | None = None
-        error: OSError = BackendError(errno.EIO, "the read was cancelled")
         try:
             runs = await trio.to_thread.run_sync(self._fetch_runs, batch, limiter=self._threads)
         except OSError as exc:
-            error = exc
-        finally:
-            # Even when cancelled: no block may stay pending with nobody to fetch it.
-            if runs is None:
-                for index in batch:
-                    self._settle(index, None, error)
-            for first, data in runs or ():
-                self.cache.put(first, data)
-                view = memoryview(data)
-                for start in range(0, len(data), self.block_size):
-                    self._settle(first + start // self.block_size, view[start : start + self.block_size], None)
+            for index in batch:
+                self._settle(index, None, exc)
+            return
+        except BaseException:
+            # Cancelled before the request went out: other reads may be waiting for these blocks.
+            for index in batch:
+                self._queue[index] = None
+            raise
+        for first, data in runs:
+            self.cache.put(first, data)
+            view = memoryview(data)
+            for start in range(0, len(data), self.block_size):
+                self._settle(first + start // self.block_size, view[start : start + self.block_size], None)
 
     def _settle(self, index: int, data: memoryview | None, error: OSError | None) -> None:
         pending = self._pending.pop(index)
