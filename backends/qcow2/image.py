@@ -353,14 +353,56 @@ class Qcow2Image:
         if child_try is None:
             return False
         runs = self._in_place_runs(offset, len(buf))
-        if runs is None:
-            return False
         data = memoryview(buf)
+        if runs is None:
+            return self._try_allocating_write(data, offset, child_try)
         for host, start, length in runs:
             if not child_try(data[start:start + length], host):
                 return False
             self.io.host_end = max(self.io.host_end, host + length)
         return True
+
+    def _try_allocating_write(self, data: memoryview, offset: int, child_try) -> bool:
+        """A write into clusters that read as zeroes, on the event loop, when nothing needs waiting
+        (the lock is free, the tables and the refcount block are cached) and nothing needs copying
+        (the new clusters were never written, or the write covers them whole)."""
+        if self.extended or self._sync or self._lock.locked():
+            return False
+        cb = self.cluster_bits
+        end = offset + len(data)
+        first, last = offset >> cb, (end - 1) >> cb
+        if any(first <= cluster <= last for cluster in self._filling):
+            return False
+        tables = []
+        for cluster in range(first, last + 1):
+            table = self.l2_cache.get(self.l1.u64(cluster >> self.l2_bits) & OFFSET_MASK)
+            if table is None or table.u64(cluster & self.l2_mask) & ~ZERO_FLAG:
+                return False
+            tables.append(table)
+        whole = not (offset | end) & (self.cluster_size - 1)
+        if not whole and not (self._reads_zero_cached(first << cb, offset)
+                              and self._reads_zero_cached(end, (last + 1) << cb)):
+            return False
+        allocated = self.refcounts.try_allocate(last - first + 1)
+        if allocated is None:
+            return False
+        start, fresh = allocated
+        host = (start << cb) + (offset & (self.cluster_size - 1))
+        if not (whole or fresh) or not child_try(data, host):
+            self.refcounts.unallocate(start, last - first + 1)
+            return False
+        self.io.host_end = max(self.io.host_end, host + len(data))
+        for k, table in enumerate(tables):
+            table.set_u64((first + k) & self.l2_mask, ((start + k) << cb) | COPIED)
+        return True
+
+    def _reads_zero_cached(self, lo: int, hi: int) -> bool:
+        """[lo, hi) of one cluster whose table is cached reads as zeroes."""
+        if lo >= hi:
+            return True
+        word, bitmap = self._cached_entry(lo >> self.cluster_bits)
+        kind = self._unit(word, bitmap, lo >> self.unit_bits)[0]
+        return kind == ZERO or kind == UNALLOCATED and (self.backing is None or lo >= self.backing.get_size())
 
     def _io_done(self) -> None:
         self._active -= 1

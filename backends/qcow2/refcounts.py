@@ -142,6 +142,30 @@ class Refcounts:
             self.fresh_from = max(self.fresh_from, start + count)
             return start, count, fresh
 
+    def try_allocate(self, wanted: int) -> tuple[int, bool] | None:
+        """`allocate`, on the event loop: exactly `wanted` clusters at the search hint, or None if
+        that needs waiting (a block to load or create) or the clusters there are not free."""
+        index = self.next_free
+        table_index, slot = divmod(index, self.per_block)
+        if table_index >= self.table_entries or slot + wanted > self.per_block:
+            return None
+        block = self.cache.get(self.table.u64(table_index) & OFFSET_MASK)
+        if block is None or not all(self._is_free(block, slot + k, table_index) for k in range(wanted)):
+            return None
+        for k in range(wanted):
+            self.codec.set(block, slot + k, 1)
+        self.next_free = index + wanted
+        fresh = index >= self.fresh_from
+        self.fresh_from = max(self.fresh_from, index + wanted)
+        return index, fresh
+
+    def unallocate(self, index: int, count: int) -> None:
+        """Undo a `try_allocate` whose clusters were never used (their block is still cached)."""
+        block = self.cache.get(self.table.u64(index // self.per_block) & OFFSET_MASK)
+        for k in range(count):
+            self.codec.set(block, (index + k) % self.per_block, 0)
+        self.next_free = min(self.next_free, index)
+
     def _is_free(self, block: Table, slot: int, table_index: int) -> bool:
         return not self.codec.get(block, slot) and table_index * self.per_block + slot not in self.quarantine
 
