@@ -15,7 +15,6 @@ reply that changed metadata.
 """
 
 import errno
-import logging
 from dataclasses import dataclass, field
 
 import trio
@@ -27,8 +26,6 @@ from .compression import decompress
 from .metaio import MetadataIO
 from .refcounts import OFFSET_MASK, Refcounts
 from .tables import Table, TableCache
-
-log = logging.getLogger(__name__)
 
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
@@ -187,9 +184,7 @@ class Qcow2Image:
             return table
         table = self.l2_cache.get(offset)
         if table is None:
-            if offset & (self.cluster_size - 1):
-                raise hdr.corrupt(f"L2 table at unaligned offset {offset:#x}")
-            table = Table(offset, await self.io.read(offset, self.cluster_size))
+            table = await self.io.read_table(offset, self.cluster_size, "L2 table")
             await self._cache_l2(table)
         return table
 

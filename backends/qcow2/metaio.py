@@ -3,6 +3,7 @@ write barriers that order one group of metadata writes before the next."""
 
 from nbdserve.backend import Backend, CacheMode
 
+from .header import corrupt
 from .tables import Table
 
 
@@ -20,6 +21,12 @@ class MetadataIO:
         data = bytearray(length)
         await self.read_into(memoryview(data), offset)
         return data
+
+    async def read_table(self, offset: int, cluster_size: int, what: str) -> Table:
+        """One cluster of metadata, which the image says is at `offset`."""
+        if offset & (cluster_size - 1):
+            raise corrupt(f"{what} at unaligned offset {offset:#x}")
+        return Table(offset, await self.read(offset, cluster_size))
 
     async def read_into(self, view: memoryview, offset: int) -> None:
         """Fill `view` from `offset`; what lies past the end of the child reads as zeroes."""

@@ -50,9 +50,7 @@ class Refcounts:
             return None
         block = self.cache.get(offset)
         if block is None:
-            if offset & (self.cluster_size - 1):
-                raise corrupt(f"refcount block at unaligned offset {offset:#x}")
-            block = Table(offset, await self.io.read(offset, self.cluster_size))
+            block = await self.io.read_table(offset, self.cluster_size, "refcount block")
             await self._insert(block)
         return block
 
@@ -98,7 +96,7 @@ class Refcounts:
             self.quarantine.clear()
 
     def dirty(self) -> bool:
-        return any(t.dirty for t in self.cache.dirty())
+        return bool(self.cache.dirty())
 
     async def write_dirty(self) -> bool:
         wrote = False
