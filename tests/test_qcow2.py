@@ -17,8 +17,8 @@ from conftest import run
 MIB = 1024 * 1024
 
 
-def qemu_io(uri: str, *commands: str) -> str:
-    args = ["qemu-io", "-f", "raw", uri]
+def qemu_io(uri: str, *commands: str, read_only: bool = False) -> str:
+    args = ["qemu-io", *(["-r"] if read_only else []), "-f", "raw", uri]
     for command in commands:
         args += ["-c", command]
     result = run(args)
@@ -254,3 +254,42 @@ def test_create_raw_and_overlay_size_from_base(tmp_path):
     assert info["backing-filename-format"] == "raw"
     bad = run([*CREATE, "-o", "cluster_size=1000", str(tmp_path / "x.qcow2"), "1M"], check=False)
     assert bad.returncode == 2 and "cluster_size" in bad.stderr
+
+
+def test_refcount_table_grows_with_tiny_caches(tmp_path, start_server):
+    """512-byte clusters with 64-bit refcounts: a refcount block covers 8 clusters, so 2 MiB of
+    writes outgrow the refcount table several times, while caches of two tables keep evicting."""
+    image = qemu_img_create(tmp_path / "disk.qcow2", 4 * MIB, "cluster_size=512", "refcount_bits=64")
+    table_before = struct.unpack(">QI", image.read_bytes()[48:60])
+    data = random_bytes(2 * MIB, 9)
+    server = start_server({"exports": {"disk": {"format": "qcow2", "source": str(image), "format-options": {
+        "l2-cache-size": 1024, "refcount-cache-size": 1024}}}})
+    handle = nbd.NBD()
+    handle.connect_uri(server.uri("disk"))
+    for offset in range(0, len(data), 256 * 1024):
+        handle.pwrite(data[offset:offset + 256 * 1024], MIB + offset)
+    handle.trim(64 * 1024, MIB)
+    handle.flush()
+    expected = bytearray(4 * MIB)
+    expected[MIB:3 * MIB] = data
+    expected[MIB:MIB + 64 * 1024] = bytes(64 * 1024)
+    assert handle.pread(4 * MIB, 0) == expected
+    handle.shutdown()
+    table_after = struct.unpack(">QI", image.read_bytes()[48:60])
+    assert table_after[1] > table_before[1], "the refcount table did not grow"
+    check_image(image)
+    assert_same_contents(image, write_raw(tmp_path / "expected.raw", bytes(expected)))
+
+
+def test_internal_snapshots_are_served_read_only(tmp_path, start_server):
+    image = qemu_img_create(tmp_path / "disk.qcow2", 2 * MIB)
+    run(["qemu-io", "-f", "qcow2", str(image), "-c", "write -P 0x61 0 64k"])
+    run(["qemu-img", "snapshot", "-c", "before", str(image)])
+    run(["qemu-io", "-f", "qcow2", str(image), "-c", "write -P 0x62 0 4k"])
+    server = serve(start_server, image, "-r")
+    qemu_io(server.uri(), "read -P 0x62 0 4k", "read -P 0x61 4k 60k", read_only=True)
+    writable = start_server(args=["-f", "qcow2", str(image)], wait=False, allow_traceback=True)
+    deadline = time.monotonic() + 20
+    while "internal snapshots" not in writable.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "can be served read-only only" in writable.log()

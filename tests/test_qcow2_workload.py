@@ -90,21 +90,25 @@ def operations(cluster_size: int):
     return st.lists(op.map(lambda o: (o[0], o[1], min(o[2], SIZE - o[1]), o[3])), min_size=1, max_size=25)
 
 
-# (name, how to make the image, cluster size, trims hide the backing file)
+# name: (how to make the image, its options, cluster size, with a backing file, format-options)
 CONFIGS = {
-    "64k": ("qemu", ["cluster_size=64k"], 65536, False),
-    "512": ("qemu", ["cluster_size=512"], 512, False),
-    "2m": ("qemu", ["cluster_size=2M"], 2 * 1024 * 1024, False),
-    "extended-l2-backing": ("qemu", ["cluster_size=32k", "extended_l2=on"], 32768, True),
-    "v2-backing": ("qemu", ["compat=0.10", "cluster_size=4k"], 4096, True),
+    "64k": ("qemu", ["cluster_size=64k"], 65536, False, {}),
+    "512": ("qemu", ["cluster_size=512"], 512, False, {}),
+    "2m": ("qemu", ["cluster_size=2M"], 2 * 1024 * 1024, False, {}),
+    "extended-l2-backing": ("qemu", ["cluster_size=32k", "extended_l2=on"], 32768, True, {}),
+    "v2-backing": ("qemu", ["compat=0.10", "cluster_size=4k"], 4096, True, {}),
     "nbdserve-prealloc-refbits1": ("nbdserve", ["cluster_size=4k", "preallocation=metadata", "refcount_bits=1"],
-                                   4096, False),
+                                   4096, False, {}),
+    # Caches of two tables: dirty L2 tables and refcount blocks leave the cache all the time, and
+    # 512-byte refcount blocks of 64-bit entries make the refcount table grow and move.
+    "tiny-caches": ("qemu", ["cluster_size=512", "refcount_bits=64"], 512, True,
+                    {"l2-cache-size": 1024, "refcount-cache-size": 1024}),
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_random_workload(name, tmp_path, start_server):
-    maker, options, cluster_size, with_backing = CONFIGS[name]
+    maker, options, cluster_size, with_backing, format_options = CONFIGS[name]
     image = tmp_path / "disk.qcow2"
     shadow_path = tmp_path / "shadow.raw"
     base_data = random_bytes(SIZE - 3 * SECTOR, 7) if with_backing else b""
@@ -124,8 +128,9 @@ def test_random_workload(name, tmp_path, start_server):
         end = (offset + length) // cluster_size * cluster_size
         return [(start, end)] if end > start else []
 
-    server = start_server(args=["-f", "qcow2", str(image)])
-    uri = server.uri()
+    server = start_server({"exports": {"disk": {
+        "format": "qcow2", "source": str(image), "format-options": format_options}}})
+    uri = server.uri("disk")
 
     @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
     @given(operations(cluster_size))
