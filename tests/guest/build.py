@@ -40,26 +40,26 @@ def command_output(*command: str) -> str:
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
-def kernel_package() -> tuple[str, str]:
-    """(name, version) of the kernel package the cloud meta-package depends on."""
+def kernel_package() -> str:
+    """NAME=VERSION of the kernel package the cloud meta-package depends on."""
+
     def depends() -> re.Match | None:
-        result = subprocess.run(["apt-cache", "depends", KERNEL_META_PACKAGE], capture_output=True, text=True)
-        return re.search(r"Depends: (linux-image-\S+)", result.stdout)
+        show = subprocess.run(
+            ["apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE], capture_output=True, text=True
+        )
+        return re.search(r"^Depends: (linux-image-\S+) \(= (\S+)\)", show.stdout, re.MULTILINE)
 
     match = depends()
     if not match:  # a fresh machine without package lists
         subprocess.run(["apt-get", "update", "-qq"], check=True)
         match = depends()
-    name = match.group(1)
-    candidate = re.search(r"Candidate: (\S+)", command_output("apt-cache", "policy", name))
-    return name, candidate.group(1)
+    return f"{match.group(1)}={match.group(2)}"
 
 
-def inputs_digest(kernel: tuple[str, str]) -> str:
+def inputs_digest(kernel: str) -> str:
     digest = hashlib.sha256()
-    digest.update(repr(kernel).encode())
-    for package in HOST_PACKAGES:
-        digest.update(command_output("dpkg-query", "-W", "-f=${Package} ${Version}\n", package).encode())
+    digest.update(kernel.encode())
+    digest.update(command_output("dpkg-query", "-W", "-f=${Package} ${Version}\n", *HOST_PACKAGES).encode())
     for path in (INIT, Path(__file__).resolve()):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -74,7 +74,7 @@ def guest() -> Guest:
         with tempfile.TemporaryDirectory(dir=CACHE_ROOT, prefix="building-") as work:
             work = Path(work)
             (work / "out").mkdir()
-            build(kernel[0], work, work / "out")
+            build(kernel, work, work / "out")
             try:
                 (work / "out").rename(target)
             except OSError:
@@ -86,9 +86,9 @@ def guest() -> Guest:
     return Guest(target / "vmlinuz", target / "initrd")
 
 
-def build(kernel_name: str, work: Path, out: Path) -> None:
-    subprocess.run(["apt-get", "download", "-q", kernel_name], cwd=work, check=True, capture_output=True)
-    (deb,) = work.glob(f"{kernel_name}_*.deb")
+def build(kernel: str, work: Path, out: Path) -> None:
+    subprocess.run(["apt-get", "download", "-q", kernel], cwd=work, check=True, capture_output=True)
+    (deb,) = work.glob("linux-image-*.deb")
     unpacked = work / "kernel"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
     (vmlinuz,) = (unpacked / "boot").glob("vmlinuz-*")
