@@ -136,6 +136,7 @@ class FaultyServer:
         self.image = image
         self.faults = Faults()
         self.requests: list[tuple[str, str | None, dict]] = []  # (method, Range, headers)
+        self.paths: list[str] = []  # as in the request line: absolute URLs when used as a proxy
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
@@ -152,9 +153,10 @@ class FaultyServer:
         with self._lock:
             return [value for method, value, _ in self.requests if method == "GET" and value]
 
-    def record(self, method: str, headers: dict) -> None:
+    def record(self, method: str, path: str, headers: dict) -> None:
         with self._lock:
             self.requests.append((method, headers.get("Range"), headers))
+            self.paths.append(path)
 
     def take(self, name: str) -> bool:
         """Use up one of a counted fault."""
@@ -184,7 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, head: bool) -> None:
         server: FaultyServer = self.server.owner
         faults = server.faults
-        server.record(self.command, dict(self.headers))
+        server.record(self.command, self.path, dict(self.headers))
         if self.path == "/redirect":
             return self._reply(302, {"Location": "/image"}, b"")
         if faults.authorization and self.headers.get("Authorization") != faults.authorization:

@@ -284,6 +284,14 @@ async def test_auth_headers_and_cookies_are_sent_and_secrets_never_logged(tmp_pa
         assert secret not in caplog.text
 
 
+async def test_requests_go_through_the_configured_proxy(tmp_path, faulty_server, image):
+    proxy = faulty_server(image)  # answers for any URL, as a forward proxy would
+    backend = await open_backend(tmp_path, "http://images.invalid/disk.img", proxy=proxy.url(""))
+    assert await read(backend, 5, 10) == image[5:15]
+    assert set(proxy.paths) == {"http://images.invalid/disk.img"}  # absolute URLs: proxy requests
+    await backend.close()
+
+
 async def test_unreachable_server_is_a_clear_error(tmp_path):
     from conftest import free_port
 
