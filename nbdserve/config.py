@@ -171,13 +171,14 @@ def parse_limits(section: Section) -> Limits:
     return limits
 
 
-def parse_config(mapping, *, config_dir: Path | None = None) -> ServerConfig:
+def parse_config(mapping, *, config_dir: Path | None = None, paths_from: Path | None = None) -> ServerConfig:
+    """`paths_from`: where relative source paths start (default: the state directory)."""
     root = Section(mapping)
     state_dir = root.str("state-dir")
     state_dir = Path(state_dir) if state_dir else default_state_dir()
     if config_dir and not state_dir.is_absolute():
         state_dir = config_dir / state_dir
-    context = ParseContext(base_dir=state_dir)
+    context = ParseContext(base_dir=paths_from or state_dir)
     listeners = [
         parse_listener(item, f"listen[{index}]") for index, item in enumerate(root.list("listen"))
     ] or [Listener("tcp", DEFAULT_HOST, DEFAULT_PORT)]

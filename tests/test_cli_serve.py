@@ -1,5 +1,6 @@
 """`nbdserve serve SOURCE` with qemu-nbd's flags, seen by real clients."""
 
+import os
 import json
 
 import pytest
@@ -76,3 +77,9 @@ def test_version_and_help(capsys):
     assert out.startswith(f"nbdserve {__version__}\n")
     for flag in ("--export-name", "--bind", "--port", "--socket", "--format", "--cache", "--read-only"):
         assert flag in out
+
+
+def test_relative_source_is_read_from_the_current_directory(start_server, raw_image):
+    image = raw_image(3 * 1024 * 1024)
+    server = start_server(args=[os.path.relpath(image)])  # the server runs in our directory
+    assert run(["nbdinfo", "--size", server.uri()]).stdout.strip() == str(3 * 1024 * 1024)

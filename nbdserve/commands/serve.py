@@ -109,8 +109,9 @@ def config_from_args(args) -> ServerConfig:
         "read-only": args.read_only,
         "description": args.description,
     }
-    # A lone export is the default one; `lvm:VG` (every LV an export) has none.
-    return parse_config({"listen": listen, "exports": {name: export}})
+    # A lone export is the default one; `lvm:VG` (every LV an export) has none. A relative
+    # SOURCE path is the user's, from the current directory.
+    return parse_config({"listen": listen, "exports": {name: export}}, paths_from=Path.cwd())
 
 
 def attach_hints(config: ServerConfig, addresses: list[str]) -> list[str]:
