@@ -80,6 +80,13 @@ class Connection:
     def in_flight(self) -> int:
         return self.limits.max_in_flight - self._slots.value if self._slots else 0
 
+    def _log_end(self, exc: Exception) -> None:
+        """The connection ends through the client or the stream: a log line, never a raise."""
+        if isinstance(exc, ProtocolError):
+            log.warning("%s: protocol error, closing: %s", self.peer, exc)
+        elif not isinstance(exc, ConnectionClosed):
+            log.info("%s: connection lost: %s", self.peer, exc)
+
     def _reading(self) -> trio.CancelScope:
         self._reader_scope = trio.CancelScope()
         if self._stopping:
@@ -103,12 +110,8 @@ class Connection:
                     self.stream, self.limits.idle_timeout, lambda: self.in_flight > 0, self.peer
                 )
             await self._transmission(negotiator)
-        except ConnectionClosed:
-            pass
-        except ProtocolError as exc:
-            log.warning("%s: protocol error, closing: %s", self.peer, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("%s: connection lost: %s", self.peer, exc)
+        except (ConnectionClosed, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._log_end(exc)
         finally:
             with trio.CancelScope(shield=True):
                 # Over TLS this sends close_notify first, as the spec asks of the side that
@@ -207,12 +210,8 @@ class Connection:
                     await self._send_batch(batch)
                 await slots.acquire()
                 requests.start_soon(self._serve_request, request, slots)
-        except ConnectionClosed:
-            pass
-        except ProtocolError as exc:
-            log.warning("%s: protocol error, closing: %s", self.peer, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("%s: connection lost: %s", self.peer, exc)
+        except (ConnectionClosed, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._log_end(exc)
         finally:
             if batch:
                 with trio.CancelScope(shield=True):
