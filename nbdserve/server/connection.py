@@ -13,6 +13,7 @@ import time
 import trio
 
 from ..access import Client
+from ..buffers import direct_buffers
 from ..catalog import Catalog
 from ..config import Limits
 from ..export import Export, RequestError, nbd_error
@@ -34,6 +35,7 @@ from ..protocol.transmission import (
 from ..stats import Counters
 from .limits import IdleTimeoutStream
 from .negotiation import Negotiator
+from .socketio import SocketIO
 from .tls import TLSConfig, peer_subject, start_tls
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class Connection:
         self.export: Export | None = None
         self.export_name = ""
         self._send_lock = trio.Lock()
+        self._socket_io: SocketIO | None = None  # the fast path, once transmission starts
         self._stopping = False
         self._reader_scope = trio.CancelScope()
 
@@ -121,7 +124,10 @@ class Connection:
                 await trio.aclose_forcefully(self.stream)
 
     async def _receive(self) -> bytes:
-        data = await self.stream.receive_some(RECEIVE_SIZE)
+        if self._socket_io is not None:
+            data = await self._socket_io.receive()
+        else:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
         if not data:
             raise ConnectionClosed
         return data
@@ -159,6 +165,8 @@ class Connection:
         self.context_ids = list(handshake.selected_contexts(negotiator.export_name))
         self._direct_buffers = export.min_block > 1
         self._read_header = OFFSET_DATA_HEADER_SIZE if self.structured else SIMPLE_REPLY_SIZE
+        if type(self.stream) is trio.SocketStream:  # not TLS, not wrapped for idle timeouts
+            self._socket_io = SocketIO(self.stream, RECEIVE_SIZE)
         log.info("%s: opened export %r", self.peer, export.name)
         parser = TransmissionParser(
             max_payload=min(self.limits.max_payload, export.max_payload),
@@ -231,9 +239,11 @@ class Connection:
         if command == _READ:
             if not request.length or not export.reads_inline:
                 return None  # spare the reply buffer a backend without try_pread never fills
-            reply, data = self._reply_buffer(self._read_header, request.length)
+            reply, data, pooled = self._reply_buffer(self._read_header, request.length)
             if not export.try_read(data, request.offset):
+                self._release_reply(pooled)
                 return None
+            # A pooled buffer served inline is not given back: the batch holds it until sent.
             self._pack_read_header(reply, request)
             self.counters.bytes_read += request.length
         else:
@@ -310,11 +320,14 @@ class Connection:
         if self.structured and not length:
             await self._send(none_chunk(request.cookie))
             return
-        reply, data = self._reply_buffer(self._read_header, length)
-        await self.export.read(data, request.offset)
-        self._pack_read_header(reply, request)
-        self.counters.bytes_read += length
-        await self._send(reply)
+        reply, data, pooled = self._reply_buffer(self._read_header, length)
+        try:
+            await self.export.read(data, request.offset)
+            self._pack_read_header(reply, request)
+            self.counters.bytes_read += length
+            await self._send(reply)
+        finally:
+            self._release_reply(pooled)  # a read returns only once nothing writes to `data`
 
     def _pack_read_header(self, reply: memoryview, request: Request) -> None:
         if self.structured:
@@ -322,15 +335,21 @@ class Connection:
         else:
             pack_simple_reply(reply, request.cookie)
 
-    def _reply_buffer(self, header: int, length: int) -> tuple[memoryview, memoryview]:
-        """A reply: header then data, the data page-aligned where O_DIRECT needs it."""
+    def _reply_buffer(self, header: int, length: int) -> tuple[memoryview, memoryview, mmap.mmap | None]:
+        """A reply: header then data, the data page-aligned where O_DIRECT needs it; and the
+        pooled buffer to give back with _release_reply() once the reply is sent (or None)."""
         if not self._direct_buffers:
             reply = memoryview(bytearray(header + length))
-            return reply, reply[header:]
+            return reply, reply[header:], None
         page = mmap.PAGESIZE
-        # MAP_PRIVATE: a shared anonymous mapping is a shmem file, costly to make and tear down.
-        whole = memoryview(mmap.mmap(-1, page + length, flags=mmap.MAP_PRIVATE))
-        return whole[page - header :], whole[page:]
+        pooled = direct_buffers.take(page + length)
+        whole = memoryview(pooled)[: page + length]
+        return whole[page - header :], whole[page:], pooled
+
+    @staticmethod
+    def _release_reply(pooled: mmap.mmap | None) -> None:
+        if pooled is not None:
+            direct_buffers.give(pooled)
 
     async def _send_error(self, request: Request, error: Error, message: str) -> None:
         self.counters.errors += 1
@@ -340,9 +359,19 @@ class Connection:
             await self._send(simple_reply(request.cookie, error))
 
     async def _send(self, data) -> None:
+        lock = self._send_lock
         try:
-            async with self._send_lock:
-                await self.stream.send_all(data)
+            try:
+                lock.acquire_nowait()  # no scheduler pass when nobody else is sending
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
+                if self._socket_io is not None:
+                    await self._socket_io.send_all(data)
+                else:
+                    await self.stream.send_all(data)
+            finally:
+                lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The client is gone: stop reading; the other in-flight requests finish quietly.
             self.stop_reading()
