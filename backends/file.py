@@ -3,8 +3,11 @@
 Where the bytes are in the page cache, I/O runs inline on the event loop: a thread hop costs about
 100 µs here, while a cached 4 KiB read costs 2 µs. Reads try preadv2(RWF_NOWAIT) first and fall
 back to a worker thread only for what is not cached. Buffered writes (writeback, unsafe) only copy
-into the page cache and run inline too; anything that waits for the disk (O_DIRECT, O_DSYNC,
-fdatasync, fallocate, ioctls) runs in a worker thread.
+into the page cache and run inline too. O_DIRECT reads and writes of whole blocks go through
+Linux native AIO (backends/aio.py), completed on the event loop, in page-aligned buffers from a
+pool (nbdserve/buffers.py); so do writes to block devices. The rest that waits for the disk (O_DSYNC, fdatasync, fallocate,
+ioctls, read-modify-write of partial blocks, and AIO requests that would block) runs in a worker
+thread.
 """
 
 import ctypes
@@ -20,10 +23,12 @@ from pathlib import Path
 import trio
 
 from nbdserve.backend import BackendError, Capabilities, CacheMode, Extent, OpenOptions
+from nbdserve.buffers import direct_buffers
 from nbdserve.registry import ParseContext
 from nbdserve.settings import Section
 
 from . import linux
+from .aio import AioContext, WouldBlock
 
 # Direct I/O alignment for regular files: the largest logical block size in use.
 _FILE_DIRECT_ALIGNMENT = 4096
@@ -57,7 +62,7 @@ class FileDriver:
 
 
 def aligned_buffer(length: int) -> memoryview:
-    """Page-aligned memory, as O_DIRECT needs."""
+    """Fresh page-aligned memory, all zeroes."""
     # MAP_PRIVATE: a shared anonymous mapping is a shmem file, costly to make and tear down.
     return memoryview(mmap.mmap(-1, max(length, 1), flags=mmap.MAP_PRIVATE))[:length]
 
@@ -77,6 +82,11 @@ class FileBackend:
         # Buffered writes that only reach the page cache are cheap enough to run inline.
         self._inline_writes = not cache.direct and not cache.sync_writes
         self._nowait_reads = not cache.direct
+        self._aio: AioContext | None = None  # made on first use, in the trio run that uses it
+        self._aio_tried = False
+        # A write to a regular file updates its mtime, which a non-blocking submission refuses
+        # (EAGAIN, every time on ext4): those go straight to a worker thread.
+        self._aio_writes = self.is_device
         if self.is_device:
             self._size = linux.device_size(fd)
             self.alignment = linux.logical_block_size(fd)
@@ -135,7 +145,10 @@ class FileBackend:
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         if self._direct:
-            await trio.to_thread.run_sync(self._direct_read, buf, offset)
+            if self._range_aligned(offset, len(buf)):
+                await self._direct_read_blocks(buf, offset)
+            else:
+                await trio.to_thread.run_sync(self._direct_read, buf, offset)
             return
         done = self._read_nowait(buf, offset) if self._nowait_reads else 0
         if done < len(buf):
@@ -163,16 +176,29 @@ class FileBackend:
             buf = buf[count:]
             offset += count
 
-    def _direct_read(self, buf: memoryview, offset: int) -> None:
-        if self._range_aligned(offset, len(buf)) and _memory_aligned(buf):
-            self._read_full(buf, offset)
+    async def _direct_read_blocks(self, buf: memoryview, offset: int) -> None:
+        """An O_DIRECT read of whole blocks, through AIO."""
+        if not _memory_aligned(buf):
+            with direct_buffers.borrowed(len(buf)) as aligned:
+                await self._direct_read_blocks(aligned, offset)
+                buf[:] = aligned
             return
-        start, bounce = self._bounce_for(offset, len(buf))
-        self._read_bounce(bounce, start)
-        buf[:] = bounce[offset - start : offset - start + len(buf)]
+        while len(buf):
+            count = await self._direct_io(buf, offset, write=False)
+            if count == 0:
+                raise BackendError(errno.EIO, f"{self.path} ended at {offset}: was it truncated?")
+            buf = buf[count:]
+            offset += count
+
+    def _direct_read(self, buf: memoryview, offset: int) -> None:
+        """An O_DIRECT read of part of a block (in a worker thread): through whole blocks."""
+        start, end = self._block_range(offset, len(buf))
+        with direct_buffers.borrowed(end - start) as bounce:
+            self._read_bounce(bounce, start)
+            buf[:] = bounce[offset - start : offset - start + len(buf)]
 
     def _read_bounce(self, bounce: memoryview, start: int) -> None:
-        """Fill aligned blocks; where the file ends inside the last one, the rest stays zero."""
+        """Fill aligned blocks; where the file ends inside the last one, zeroes fill the rest."""
         done = 0
         while done < len(bounce):
             count = os.preadv(self.fd, [bounce[done:]], start + done)
@@ -181,6 +207,7 @@ class FileBackend:
             done += count
         if start + done < min(start + len(bounce), self._size):
             raise BackendError(errno.EIO, f"{self.path} ended at {start + done}: was it truncated?")
+        bounce[done:] = bytes(len(bounce) - done)  # pooled memory holds an earlier request's bytes
 
     # Writes.
 
@@ -189,7 +216,10 @@ class FileBackend:
         # FUA: RWF_DSYNC makes this one write durable, cheaper than a whole fdatasync.
         flags = os.RWF_DSYNC if fua else 0
         if self._direct:
-            await trio.to_thread.run_sync(self._direct_write, buf, offset, flags)
+            if self._range_aligned(offset, len(buf)):
+                await self._direct_write_blocks(buf, offset, flags)
+            else:
+                await trio.to_thread.run_sync(self._direct_write, buf, offset, flags)
         elif self._inline_writes and not fua:
             self._write_full(buf, offset, 0)
         else:
@@ -207,22 +237,53 @@ class FileBackend:
             buf = buf[count:]
             offset += count
 
-    def _direct_write(self, buf: memoryview, offset: int, flags: int) -> None:
-        if self._range_aligned(offset, len(buf)):
-            if not _memory_aligned(buf):
-                aligned = aligned_buffer(len(buf))
+    async def _direct_write_blocks(self, buf: memoryview, offset: int, flags: int) -> None:
+        """An O_DIRECT write of whole blocks, through AIO."""
+        if not _memory_aligned(buf):
+            with direct_buffers.borrowed(len(buf)) as aligned:
                 aligned[:] = buf
-                buf = aligned
-            self._write_full(buf, offset, flags)
+                await self._direct_write_blocks(aligned, offset, flags)
+            return
+        while len(buf):
+            count = await self._direct_io(buf, offset, write=True, flags=flags)
+            buf = buf[count:]
+            offset += count
+
+    async def _direct_io(self, buf: memoryview, offset: int, *, write: bool, flags: int = 0) -> int:
+        """One O_DIRECT request: through AIO where it does not block, else in a worker thread.
+        Either way it runs to completion even if the caller is cancelled: `buf` is in use."""
+        if not self._aio_tried:
+            self._aio_tried = True
+            self._aio = AioContext.create()
+        if self._aio is not None and (self._aio_writes or not write):
+            try:
+                if write:
+                    return await self._aio.write(self.fd, buf, offset, flags)
+                return await self._aio.read(self.fd, buf, offset)
+            except WouldBlock:
+                pass
+        if write:
+            return await trio.to_thread.run_sync(os.pwritev, self.fd, [buf], offset, flags)
+        return await trio.to_thread.run_sync(os.preadv, self.fd, [buf], offset)
+
+    def _direct_write(self, buf: memoryview, offset: int, flags: int) -> None:
+        """An O_DIRECT write in a worker thread, of any range."""
+        if self._range_aligned(offset, len(buf)):
+            if _memory_aligned(buf):
+                self._write_full(buf, offset, flags)
+                return
+            with direct_buffers.borrowed(len(buf)) as aligned:
+                aligned[:] = buf
+                self._write_full(aligned, offset, flags)
             return
         # Read-modify-write of the blocks the request touches. Clients that honour the
         # advertised minimum block size never get here.
-        with self._rmw_lock:
-            start, bounce = self._bounce_for(offset, len(buf))
+        start, end = self._block_range(offset, len(buf))
+        with self._rmw_lock, direct_buffers.borrowed(end - start) as bounce:
             self._read_bounce(bounce, start)
             bounce[offset - start : offset - start + len(buf)] = buf
             self._write_full(bounce, start, flags)
-            if start + len(bounce) > self._size:
+            if end > self._size:
                 os.ftruncate(self.fd, self._size)  # the last block went past the end of the file
                 if flags or self.options.cache.sync_writes:
                     os.fdatasync(self.fd)  # a durable write leaves a durable size too
@@ -230,11 +291,10 @@ class FileBackend:
     def _range_aligned(self, offset: int, length: int) -> bool:
         return not (offset % self.alignment or length % self.alignment)
 
-    def _bounce_for(self, offset: int, length: int) -> tuple[int, memoryview]:
+    def _block_range(self, offset: int, length: int) -> tuple[int, int]:
+        """The whole blocks a range touches."""
         align = self.alignment
-        start = offset - offset % align
-        end = -(-(offset + length) // align) * align
-        return start, aligned_buffer(end - start)
+        return offset - offset % align, -(-(offset + length) // align) * align
 
     # Everything else waits for the disk, so it runs in a worker thread.
 
@@ -341,6 +401,9 @@ class FileBackend:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     async def close(self) -> None:
+        if self._aio is not None:
+            aio, self._aio = self._aio, None
+            await aio.close()  # waits for requests in flight: they use self.fd
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)

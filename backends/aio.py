@@ -1,0 +1,184 @@
+"""Linux native AIO (io_submit) for O_DIRECT I/O, completed on the trio event loop.
+
+A worker-thread hop costs 100-250 µs of CPU per request here (two wake-ups and the GIL handed
+back and forth), which caps random 4 KiB I/O at a few thousand requests per second. io_submit
+hands an O_DIRECT request to the block layer; the kernel signals an eventfd as requests complete
+and one system task reaps them all. Only for O_DIRECT: buffered I/O through io_submit blocks in
+the submitting thread.
+
+Requests go in with RWF_NOWAIT, so a submission that would block the event loop (a file system
+allocating blocks, a device queue full) fails with EAGAIN instead: the caller then does that one
+request in a worker thread. A buffer belongs to the kernel until its completion is reaped, so
+waits are shielded from cancellation, as a worker thread's are.
+"""
+
+import ctypes
+import errno
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+log = logging.getLogger(__name__)
+
+_SYS_IO_SETUP, _SYS_IO_DESTROY, _SYS_IO_GETEVENTS, _SYS_IO_SUBMIT = 206, 207, 208, 209  # x86_64
+_IOCB_CMD_PREAD, _IOCB_CMD_PWRITE = 0, 1
+_IOCB_FLAG_RESFD = 1  # signal aio_resfd (an eventfd) on completion
+DEPTH = 128  # requests in flight per context; more wait for a free slot
+_REAP_BATCH = 64
+# What asks for a blocking retry: would block (EAGAIN), or the device takes no RWF_NOWAIT.
+_RETRY_BLOCKING = (errno.EAGAIN, errno.EOPNOTSUPP)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _Iocb(ctypes.Structure):
+    # struct iocb of <linux/aio_abi.h>, little-endian layout.
+    _fields_ = [
+        ("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_int32),
+        ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
+        ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
+        ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32),
+    ]
+
+
+class _IoEvent(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64),
+                ("res2", ctypes.c_int64)]
+
+
+def _syscall(number: int, *args) -> int:
+    result = _libc.syscall(number, *args)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+class WouldBlock(Exception):
+    """The request was not done: it would have blocked the event loop. Retry it in a thread."""
+
+
+@dataclass
+class _Request:
+    iocb: _Iocb
+    buffer: memoryview  # kept alive until the kernel is done with it
+    done: trio.Event = field(default_factory=trio.Event)
+    result: int = 0
+
+
+class AioContext:
+    """One kernel AIO context with its eventfd; requests from any task, reaped by a system task.
+
+    Create it inside the trio run that uses it; close() it in the same run."""
+
+    def __init__(self) -> None:
+        context = ctypes.c_ulong(0)
+        _syscall(_SYS_IO_SETUP, DEPTH, ctypes.byref(context))
+        self._context = context
+        self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._slots = trio.Semaphore(DEPTH)
+        self._pending: dict[int, _Request] = {}
+        self._idle = trio.Event()  # set while nothing is in flight, for close()
+        self._idle.set()
+        self._keys = itertools.count(1)
+        self._events = (_IoEvent * _REAP_BATCH)()
+        self._nowait = os.RWF_NOWAIT
+        self._closed = False
+        self._reaper = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._reap, self._reaper, name="aio reaper")
+
+    @classmethod
+    def create(cls) -> "AioContext | None":
+        """A context, or None where the kernel has no AIO or no room (fs.aio-max-nr)."""
+        try:
+            return cls()
+        except OSError as exc:
+            log.info("no Linux AIO (%s): O_DIRECT I/O goes through worker threads", exc.strerror)
+            return None
+
+    async def read(self, fd: int, buf: memoryview, offset: int) -> int:
+        """Read into `buf`, whose address, length and offset suit O_DIRECT; returns the count.
+        Raises WouldBlock when the request should be retried in a worker thread."""
+        return await self._submit(_IOCB_CMD_PREAD, fd, buf, offset, 0)
+
+    async def write(self, fd: int, buf: memoryview, offset: int, rw_flags: int = 0) -> int:
+        """Write `buf` (as for read); `rw_flags` as pwritev2's (RWF_DSYNC for FUA)."""
+        return await self._submit(_IOCB_CMD_PWRITE, fd, buf, offset, rw_flags)
+
+    async def _submit(self, opcode: int, fd: int, buf: memoryview, offset: int, rw_flags: int) -> int:
+        if self._closed:
+            raise trio.ClosedResourceError("the AIO context is closed")
+        await self._slots.acquire()
+        try:
+            result = await self._submit_and_wait(opcode, fd, buf, offset, rw_flags | self._nowait)
+        finally:
+            self._slots.release()
+        if result >= 0:
+            return result
+        if -result in _RETRY_BLOCKING:
+            if -result == errno.EOPNOTSUPP and self._nowait:
+                self._nowait = 0  # the device has no non-blocking submission: block in io_submit
+                log.info("RWF_NOWAIT unsupported here: io_submit may block for O_DIRECT requests")
+                return await self._submit(opcode, fd, buf, offset, rw_flags)
+            raise WouldBlock
+        raise OSError(-result, os.strerror(-result))
+
+    async def _submit_and_wait(self, opcode: int, fd: int, buf: memoryview, offset: int,
+                               rw_flags: int) -> int:
+        """The kernel's result: a count, or a negative errno."""
+        key = next(self._keys)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
+        iocb = _Iocb(data=key, opcode=opcode, fildes=fd, buf=address, nbytes=len(buf), offset=offset,
+                     rw_flags=rw_flags, flags=_IOCB_FLAG_RESFD, resfd=self._eventfd)
+        try:
+            _syscall(_SYS_IO_SUBMIT, self._context, 1, ctypes.byref(ctypes.pointer(iocb)))
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+        request = self._pending[key] = _Request(iocb, buf)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        # Shielded: the kernel owns `buf` until the completion is reaped, and I/O does not stop.
+        with trio.CancelScope(shield=True):
+            await request.done.wait()
+        return request.result
+
+    async def _reap(self, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await trio.lowlevel.wait_readable(self._eventfd)
+                try:
+                    os.eventfd_read(self._eventfd)
+                except BlockingIOError:
+                    continue
+                self._complete_ready()
+
+    def _complete_ready(self) -> None:
+        while True:
+            count = _syscall(_SYS_IO_GETEVENTS, self._context, 0, _REAP_BATCH, self._events, None)
+            for event in self._events[:count]:
+                request = self._pending.pop(event.data)
+                request.result = event.res
+                request.done.set()
+            if count < _REAP_BATCH:
+                break
+        if not self._pending:
+            self._idle.set()
+
+    async def close(self) -> None:
+        """Wait for requests in flight (their buffers are the kernel's until then), then free."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await self._idle.wait()
+        self._reaper.cancel()
+        # io_destroy waits for an RCU grace period: milliseconds, so not on the event loop.
+        await trio.to_thread.run_sync(_syscall, _SYS_IO_DESTROY, self._context)
+        os.close(self._eventfd)
+
+
+__all__ = ["AioContext", "WouldBlock"]
