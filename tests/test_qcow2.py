@@ -154,6 +154,39 @@ def test_sigkill_during_writes_leaks_at_most(tmp_path, start_server):
     check_image(image, leaks_allowed=True)
 
 
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_acknowledged_writes_survive_sigkill_without_flush(cache, tmp_path, start_server):
+    """A reply means the write outlives the process: allocating writes (new clusters, a new L2
+    table, a partial cluster, many in flight at once) and a zero request, none flushed, read back
+    after SIGKILL and a restart; the crash leaks at most."""
+    image = qemu_img_create(tmp_path / "disk.qcow2", 2048 * MIB)
+    server = serve(start_server, image, "--cache", cache)
+    handle = nbd.NBD()
+    handle.connect_uri(server.uri())
+    handle.pwrite(b"\x11" * (4 * MIB), 0)
+    handle.flush()
+    expected = {0: b"\x11" * MIB, MIB: bytes(64 * 1024)}  # the zeroed part of the flushed data
+    handle.zero(64 * 1024, MIB)
+    expected[3 * MIB] = b"\x11" * MIB
+    for k in range(32):  # concurrent allocating writes, some into the L2 table past 512 MiB
+        data = random_bytes(4096, 100 + k)
+        offset = (k + 1) * 37 * MIB + 8192
+        handle.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), offset)
+        expected[offset] = data
+    while handle.aio_in_flight():
+        handle.poll(-1)
+    server.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    server = serve(start_server, image, "--cache", cache)
+    handle = nbd.NBD()
+    handle.connect_uri(server.uri())
+    for offset, data in expected.items():
+        assert handle.pread(len(data), offset) == data, f"lost at {offset}"
+    handle.shutdown()
+    server.stop()
+    check_image(image, leaks_allowed=True)
+
+
 def test_lazy_refcounts_dirty_image_is_repaired(tmp_path, start_server):
     """With lazy refcounts the image is marked dirty while written; after a crash the next open
     rebuilds the refcounts from the L2 tables, so nothing is even leaked."""

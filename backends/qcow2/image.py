@@ -7,11 +7,13 @@ under `_lock`, write their data outside it, in parallel with others, then record
 entries under the lock again. A cluster being filled is registered in `_filling`, and anyone else
 who would change it waits for that.
 
-Metadata reaches the child in `_commit`, in the order that keeps the image consistent after a crash
-at any moment: refcount increments, barrier, L2 tables, barrier, L1 entries, barrier, refcount
-decrements. Data is written before its L2 entry exists, so it comes first too. Writeback commits on
-FLUSH (and when a dirty table leaves the cache); writethrough and directsync commit before every
-reply that changed metadata.
+Nothing a client was told is written may die with the process, so every change of an L2 entry
+reaches the child (the page cache, at least) before its reply, in the order that keeps the image
+consistent after a host crash at any moment: the new cluster's refcount is durable already (it
+comes from a reservation, see refcounts.py), then its data, then the L2 entry. A new L2 table is
+written, and a barrier passed, before the L1 entry that points at it. Refcount decrements wait for
+`_commit` (on FLUSH, or before every reply in writethrough and directsync): barrier, then
+decrements; a crash before that only leaks clusters.
 """
 
 import errno
@@ -92,7 +94,7 @@ class Qcow2Image:
         self.l2_cache = TableCache(l2_tables)
         self.refcounts = Refcounts(io, cb, header.refcount_order,
                                    Table(header.refcount_table_offset, bytearray()), refcount_tables,
-                                   self._move_refcount_table)
+                                   self._move_refcount_table, self._refcount_barrier)
         self.writable = not options.read_only and child.capabilities.can_write
         self._sync = options.cache.sync_writes
         self._lazy = bool(header.compatible & hdr.COMPAT_LAZY_REFCOUNTS) and header.version == 3
@@ -121,6 +123,10 @@ class Qcow2Image:
         """With lazy refcounts and the dirty bit on disk, a crash is repaired at the next open, so
         refcounts need not reach the disk before the L2 entries that use them."""
         return self._lazy and bool(self.header.incompatible & hdr.INCOMPAT_DIRTY)
+
+    async def _refcount_barrier(self) -> None:
+        if not self._refcounts_may_lag:
+            await self.io.barrier()
 
     # The header.
 
@@ -178,9 +184,11 @@ class Qcow2Image:
                 return None
             start, _, _ = await self.refcounts.allocate(1)
             table = Table(start << self.cluster_bits, bytearray(self.cluster_size))
-            table.mark_all()
+            await self.io.write(bytes(table.data), table.offset)
+            await self.io.barrier()  # the empty table before the L1 entry that points at it
             await self._cache_l2(table)
             self.l1.set_u64(l1_index, table.offset | COPIED)
+            await self.io.write_table(self.l1)
             return table
         table = self.l2_cache.get(offset)
         if table is None:
@@ -361,8 +369,8 @@ class Qcow2Image:
         """A write into clusters that read as zeroes, on the event loop, when nothing needs waiting
         (the lock is free, the tables and the refcount block are cached) and nothing needs copying
         (the new clusters were never written, or the write covers them whole)."""
-        if self.extended or self._sync or self._lock.locked():
-            return False
+        if self.extended or self._sync or self._lock.locked() or self.refcounts.wants_refill():
+            return False  # (the async path refills the reservation)
         cb = self.cluster_bits
         end = offset + len(data)
         first, last = offset >> cb, (end - 1) >> cb
@@ -371,25 +379,35 @@ class Qcow2Image:
         tables = []
         for cluster in range(first, last + 1):
             table = self.l2_cache.get(self.l1.u64(cluster >> self.l2_bits) & OFFSET_MASK)
-            if table is None or table.u64(cluster & self.l2_mask) & ~ZERO_FLAG:
+            if table is None or table.u64(cluster & self.l2_mask) & ~ZERO_FLAG or self.io.is_writing(table):
                 return False
             tables.append(table)
         whole = not (offset | end) & (self.cluster_size - 1)
         if not whole and not (self._reads_zero_cached(first << cb, offset)
                               and self._reads_zero_cached(end, (last + 1) << cb)):
             return False
-        allocated = self.refcounts.try_allocate(last - first + 1)
+        count = last - first + 1
+        allocated = self.refcounts.try_allocate(count)
         if allocated is None:
             return False
         start, fresh = allocated
         host = (start << cb) + (offset & (self.cluster_size - 1))
         if not (whole or fresh) or not child_try(data, host):
-            self.refcounts.unallocate(start, last - first + 1)
+            self.refcounts.unallocate(start, count, fresh)
             return False
         self.io.host_end = max(self.io.host_end, host + len(data))
+        old_words = [table.u64((first + k) & self.l2_mask) for k, table in enumerate(tables)]
         for k, table in enumerate(tables):
             table.set_u64((first + k) & self.l2_mask, ((start + k) << cb) | COPIED)
-        return True
+        if all(self.io.try_write_table(table, child_try) for table in dict.fromkeys(tables)):
+            return True
+        # The entries must reach the child before the reply: take them back and let the async path
+        # write the request again. An entry may have reached the child already, so the clusters are
+        # released like any others whose references an L2 change dropped.
+        for k, table in enumerate(tables):
+            table.set_u64((first + k) & self.l2_mask, old_words[k])
+        self.refcounts.release(start, count)
+        return False
 
     def _reads_zero_cached(self, lo: int, hi: int) -> bool:
         """[lo, hi) of one cluster whose table is cached reads as zeroes."""
@@ -448,6 +466,23 @@ class Qcow2Image:
             chunk_end = min(end, (pos // table_span + 1) * table_span)
             await self._write_chunk(data[pos - offset:chunk_end - offset], pos)
             pos = chunk_end
+        if self.refcounts.wants_refill():
+            await self._refill_reservation()
+
+    async def _refill_reservation(self) -> None:
+        """Reserve the next batch of clusters while the current one lasts: its barrier runs without
+        the lock, so other writes go on meanwhile."""
+        async with self._lock:
+            if not self.refcounts.wants_refill():
+                return
+            runs = await self.refcounts.start_refill()
+        durable = False
+        try:
+            with trio.CancelScope(shield=True):  # else the refill would stay under way for ever
+                await self._refcount_barrier()
+                durable = True
+        finally:
+            self.refcounts.finish_refill(runs, durable)
 
     async def _acquire(self) -> None:
         """Take the metadata lock; when it is free, without a trip through the scheduler."""
@@ -493,10 +528,10 @@ class Qcow2Image:
                     for index, count in change.release:
                         self.refcounts.release(index, count)
                     self._filling.pop(change.cluster).set()
-                if self._sync:
-                    await self._commit()
+                tables = await self._persist()
             finally:
                 self._lock.release()
+            await self._write_tables(tables)
 
     async def _abandon(self, changes: list[ClusterChange]) -> None:
         for change in changes:
@@ -686,8 +721,7 @@ class Qcow2Image:
                     for index, count in self._references(word):
                         self.refcounts.release(index, count)
                 await self._set_entry(cluster, *new)
-            if self._sync:
-                await self._commit()
+            await self._write_tables(await self._persist())
         finally:
             self._lock.release()
         return rewrite
@@ -742,6 +776,23 @@ class Qcow2Image:
 
     # Durability.
 
+    async def _persist(self) -> list[Table]:
+        """Make the L2 entries just changed reach the child before the reply (lock held): returns
+        the tables for `_write_tables`, which may run without the lock. The refcounts they use are
+        durable already; the decrements they cause wait for a commit, unless every reply must be
+        durable or barriers cost nothing (`unsafe`, whose FLUSH never reaches the image): then
+        everything is committed now."""
+        if self._lazy:
+            await self.set_incompatible(hdr.INCOMPAT_DIRTY, True)
+        if self._sync or not self.io.barriers:
+            await self._commit()
+            return []
+        return self.l2_cache.dirty()
+
+    async def _write_tables(self, tables: list[Table]) -> None:
+        for table in tables:
+            await self.io.write_table(table)
+
     async def _commit(self) -> None:
         """Write every changed table, in crash-safe order (lock held)."""
         refcounts = self.refcounts
@@ -782,6 +833,8 @@ class Qcow2Image:
         if not self.writable:
             return
         async with self._lock:
+            # Flushed refcounts are exact: an unused reservation would be a leak in a copy or check.
+            await self.refcounts.release_reserved()
             await self._commit()
         await self.child.flush()
 

@@ -1,7 +1,12 @@
 """Host cluster allocation: the refcount table, refcount blocks (cached) and the free cluster search.
 
 Every method runs with the image's metadata lock held. The on-disk order that keeps the image
-consistent after a crash is kept by the caller's commit; this module keeps three rules:
+consistent after a crash is kept by the caller's commit; this module keeps four rules:
+- clusters are handed out from a reservation: batches whose increments were written and made
+  durable (one barrier per batch), so an L2 entry written right after its data never points at a
+  cluster whose refcount is 0 on disk; after a crash an unused reservation is only a leak, and
+  `release_reserved` gives it back at FLUSH and close. The next batch is claimed while the current
+  one lasts (`start_refill`), and its barrier runs without the lock (`finish_refill` after it);
 - increments may reach the disk at any time (at worst a crash leaks clusters), so a dirty block can
   be written whenever it leaves the cache;
 - decrements wait in `pending` until the L2 entries that dropped the references are written;
@@ -10,6 +15,7 @@ consistent after a crash is kept by the caller's commit; this module keeps three
 """
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from .header import corrupt
 from .metaio import MetadataIO
@@ -17,11 +23,25 @@ from .tables import RefcountCodec, Table, TableCache
 
 OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 MAX_HOST_CLUSTERS_BITS = 56  # L2 entries address at most 64 PiB
+FIRST_BATCH = 16  # clusters; each batch doubles the last, up to BATCH_BYTES and BATCH_CLUSTERS
+# A barrier writes back every dirty page of the file: at 10k allocating writes a second, a batch
+# must last a while. A crash leaks the batch; a FLUSH releases it (and starts small again).
+BATCH_BYTES = 512 * 1024 * 1024
+BATCH_CLUSTERS = 8192
+
+
+@dataclass
+class Run:
+    """Reserved clusters [start, start + count): referenced once on disk, used by nothing yet."""
+
+    start: int
+    count: int
+    fresh: bool  # never written: the child reads zeroes there
 
 
 class Refcounts:
     def __init__(self, io: MetadataIO, cluster_bits: int, order: int, table: Table, cache_tables: int,
-                 move_table: Callable[[int, int], Awaitable[None]]) -> None:
+                 move_table: Callable[[int, int], Awaitable[None]], barrier: Callable[[], Awaitable[None]]) -> None:
         self.io = io
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
@@ -30,6 +50,10 @@ class Refcounts:
         self.table = table
         self.cache = TableCache(cache_tables)
         self._move_table = move_table  # rewrites the header when the table moves
+        self._barrier = barrier  # orders reserved increments before the L2 entries that use them
+        self.reserved: list[Run] = []  # durable, ready to hand out
+        self._incoming: list[Run] | None = None  # claimed, waiting for their barrier
+        self._batch = FIRST_BATCH
         self.pending: list[int] = []  # cluster indices waiting for a decrement
         self.quarantine: set[int] = set()
         self.next_free = 0  # no free cluster below this index (a search hint)
@@ -107,8 +131,94 @@ class Refcounts:
     # Allocation.
 
     async def allocate(self, wanted: int) -> tuple[int, int, bool]:
-        """Up to `wanted` contiguous free clusters, now referenced once:
+        """Up to `wanted` contiguous clusters from the reservation, referenced once on disk already:
         (first index, count, fresh: never written, so they read as zeroes)."""
+        if self._available() < wanted:
+            await self._reserve(max(wanted, self._batch))
+        run = self.reserved[0]
+        count = min(wanted, run.count)
+        return self._take(count), count, run.fresh
+
+    def try_allocate(self, wanted: int) -> tuple[int, bool] | None:
+        """`allocate`, on the event loop: exactly `wanted` contiguous reserved clusters, or None if
+        the reservation has no such run at its head."""
+        if not self.reserved or self.reserved[0].count < wanted:
+            return None
+        fresh = self.reserved[0].fresh
+        return self._take(wanted), fresh
+
+    def unallocate(self, index: int, count: int, fresh: bool) -> None:
+        """Give back clusters from `try_allocate` that were never used: they stay reserved."""
+        head = self.reserved[0] if self.reserved else None
+        if head is not None and head.fresh == fresh and index + count == head.start:
+            head.start, head.count = index, head.count + count
+        else:
+            self.reserved.insert(0, Run(index, count, fresh))
+
+    def _take(self, count: int) -> int:
+        run = self.reserved[0]
+        start = run.start
+        run.start += count
+        run.count -= count
+        if not run.count:
+            del self.reserved[0]
+        return start
+
+    def _available(self) -> int:
+        return sum(run.count for run in self.reserved)
+
+    def wants_refill(self) -> bool:
+        """The reservation runs low and no refill is under way."""
+        return self._incoming is None and self._available() < self._batch // 2
+
+    async def start_refill(self) -> list[Run]:
+        """Claim the next batch; it is handed out after `finish_refill`, once a barrier has passed."""
+        self._incoming = await self._claim_runs(self._batch)
+        return self._incoming
+
+    def finish_refill(self, runs: list[Run], durable: bool) -> None:
+        """After the barrier; if it failed, the batch stays claimed and unused (a leak)."""
+        if self._incoming is runs:  # else a FLUSH released them meanwhile
+            self._incoming = None
+            if durable:
+                self._add_ready(runs)
+
+    async def _reserve(self, wanted: int) -> None:
+        """Claim `wanted` more clusters and make their increments durable, now."""
+        runs = await self._claim_runs(wanted)
+        await self._barrier()
+        self._add_ready(runs)
+
+    async def _claim_runs(self, wanted: int) -> list[Run]:
+        """`wanted` clusters, now referenced once, their refcount blocks written (not yet durable)."""
+        runs: list[Run] = []
+        claimed = 0
+        while claimed < wanted:
+            start, count, fresh = await self._claim(wanted - claimed)
+            _append_run(runs, Run(start, count, fresh))
+            claimed += count
+        await self.write_dirty()
+        self._batch = min(2 * self._batch, BATCH_CLUSTERS, max(FIRST_BATCH, BATCH_BYTES // self.cluster_size))
+        return runs
+
+    def _add_ready(self, runs: list[Run]) -> None:
+        for run in runs:
+            _append_run(self.reserved, run)
+
+    async def release_reserved(self) -> None:
+        """Drop the unused reservation, ready or incoming (a clean close leaves no leaked cluster).
+        Nothing refers to these clusters, so the decrements may reach the disk at any time."""
+        reserved = self.reserved + (self._incoming or [])
+        self.reserved, self._incoming = [], None
+        for run in reserved:
+            for index in range(run.start, run.start + run.count):
+                await self.adjust(index, -1)
+            self.next_free = min(self.next_free, run.start)
+        self._batch = FIRST_BATCH
+
+    async def _claim(self, wanted: int) -> tuple[int, int, bool]:
+        """Up to `wanted` contiguous free clusters, now referenced once (in memory):
+        (first index, count, fresh)."""
         index = self.next_free
         per_block = self.per_block
         while True:
@@ -139,30 +249,6 @@ class Refcounts:
             fresh = start >= self.fresh_from
             self.fresh_from = max(self.fresh_from, start + count)
             return start, count, fresh
-
-    def try_allocate(self, wanted: int) -> tuple[int, bool] | None:
-        """`allocate`, on the event loop: exactly `wanted` clusters at the search hint, or None if
-        that needs waiting (a block to load or create) or the clusters there are not free."""
-        index = self.next_free
-        table_index, slot = divmod(index, self.per_block)
-        if table_index >= self.table_entries or slot + wanted > self.per_block:
-            return None
-        block = self.cache.get(self.table.u64(table_index) & OFFSET_MASK)
-        if block is None or not all(self._is_free(block, slot + k, table_index) for k in range(wanted)):
-            return None
-        for k in range(wanted):
-            self.codec.set(block, slot + k, 1)
-        self.next_free = index + wanted
-        fresh = index >= self.fresh_from
-        self.fresh_from = max(self.fresh_from, index + wanted)
-        return index, fresh
-
-    def unallocate(self, index: int, count: int) -> None:
-        """Undo a `try_allocate` whose clusters were never used (their block is still cached)."""
-        block = self.cache.get(self.table.u64(index // self.per_block) & OFFSET_MASK)
-        for k in range(count):
-            self.codec.set(block, (index + k) % self.per_block, 0)
-        self.next_free = min(self.next_free, index)
 
     def _is_free(self, block: Table, slot: int, table_index: int) -> bool:
         return not self.codec.get(block, slot) and table_index * self.per_block + slot not in self.quarantine
@@ -212,3 +298,12 @@ class Refcounts:
         self.fresh_from = max(self.fresh_from, start + used)
         old_first = old.offset >> self.cluster_bits
         self.release(old_first, len(old.data) >> self.cluster_bits)
+
+
+def _append_run(runs: list[Run], run: Run) -> None:
+    """Add `run` at the end of `runs`, merged with the last one if it continues it."""
+    last = runs[-1] if runs else None
+    if last is not None and last.fresh == run.fresh and last.start + last.count == run.start:
+        last.count += run.count
+    else:
+        runs.append(run)
