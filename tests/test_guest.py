@@ -96,12 +96,7 @@ def test_guest_filesystem_round_trip(guest, start_server, tmp_path, image_format
         ("raw", "writethrough", True),
         ("raw", "none", True),
         ("qcow2", "writethrough", True),
-        # Fails when the kill lands between an allocating write's reply and the next flush: the
-        # new cluster's L2 entry lived only in the process (so with qemu-nbd too), and QEMU
-        # replays the FLUSH to the restarted server, which succeeds, so the guest's fsync returns
-        # and the file reads back as zeros.
-        pytest.param("qcow2", "writeback", False, marks=pytest.mark.xfail(
-            strict=False, reason="qcow2 writeback: an unflushed allocating write dies with the process")),
+        ("qcow2", "writeback", False),
     ],
 )
 def test_guest_survives_server_crash(guest, start_server, tmp_path, image_format, cache, drop_caches):
