@@ -3,13 +3,13 @@
 A worker-thread hop costs 100-250 µs of CPU per request here (two wake-ups and the GIL handed
 back and forth), which caps random 4 KiB I/O at a few thousand requests per second. io_submit
 hands an O_DIRECT request to the block layer; the kernel signals an eventfd as requests complete
-and one system task reaps them all. Only for O_DIRECT: buffered I/O through io_submit blocks in
-the submitting thread.
+and one system task reaps them all, rescheduling each waiting task with its result. Only for
+O_DIRECT: buffered I/O through io_submit blocks in the submitting thread.
 
 Requests go in with RWF_NOWAIT, so a submission that would block the event loop (a file system
 allocating blocks, a device queue full) fails with EAGAIN instead: the caller then does that one
 request in a worker thread. A buffer belongs to the kernel until its completion is reaped, so
-waits are shielded from cancellation, as a worker thread's are.
+waits cannot be cancelled, as a worker thread's cannot.
 """
 
 import ctypes
@@ -17,8 +17,8 @@ import errno
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field
 
+import outcome
 import trio
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,9 @@ class WouldBlock(Exception):
     """The request was not done: it would have blocked the event loop. Retry it in a thread."""
 
 
-@dataclass
-class _Request:
-    iocb: _Iocb
-    buffer: memoryview  # kept alive until the kernel is done with it
-    done: trio.Event = field(default_factory=trio.Event)
-    result: int = 0
+def _cannot_abort(_raise_cancel) -> trio.lowlevel.Abort:
+    # The kernel owns the buffer until the completion is reaped, and I/O cannot be stopped.
+    return trio.lowlevel.Abort.FAILED
 
 
 class AioContext:
@@ -81,7 +78,9 @@ class AioContext:
         self._context = context
         self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._slots = trio.Semaphore(DEPTH)
-        self._pending: dict[int, _Request] = {}
+        # key -> (waiting task, iocb, buffer): the iocb and buffer stay alive until reaped.
+        self._pending: dict[int, tuple[trio.lowlevel.Task, _Iocb, memoryview]] = {}
+        self._submission = (ctypes.c_void_p * 1)()  # io_submit's array of one iocb pointer
         self._idle = trio.Event()  # set while nothing is in flight, for close()
         self._idle.set()
         self._keys = itertools.count(1)
@@ -112,7 +111,10 @@ class AioContext:
     async def _submit(self, opcode: int, fd: int, buf: memoryview, offset: int, rw_flags: int) -> int:
         if self._closed:
             raise trio.ClosedResourceError("the AIO context is closed")
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()  # no pass through the scheduler while slots are free
+        except trio.WouldBlock:
+            await self._slots.acquire()
         try:
             result = await self._submit_and_wait(opcode, fd, buf, offset, rw_flags | self._nowait)
         finally:
@@ -134,17 +136,15 @@ class AioContext:
         address = ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
         iocb = _Iocb(data=key, opcode=opcode, fildes=fd, buf=address, nbytes=len(buf), offset=offset,
                      rw_flags=rw_flags, flags=_IOCB_FLAG_RESFD, resfd=self._eventfd)
+        self._submission[0] = ctypes.addressof(iocb)
         try:
-            _syscall(_SYS_IO_SUBMIT, self._context, 1, ctypes.byref(ctypes.pointer(iocb)))
+            _syscall(_SYS_IO_SUBMIT, self._context, 1, self._submission)
         except OSError as exc:
             return -(exc.errno or errno.EIO)
-        request = self._pending[key] = _Request(iocb, buf)
+        self._pending[key] = (trio.lowlevel.current_task(), iocb, buf)
         if self._idle.is_set():
             self._idle = trio.Event()
-        # Shielded: the kernel owns `buf` until the completion is reaped, and I/O does not stop.
-        with trio.CancelScope(shield=True):
-            await request.done.wait()
-        return request.result
+        return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
 
     async def _reap(self, scope: trio.CancelScope) -> None:
         with scope:
@@ -160,9 +160,8 @@ class AioContext:
         while True:
             count = _syscall(_SYS_IO_GETEVENTS, self._context, 0, _REAP_BATCH, self._events, None)
             for event in self._events[:count]:
-                request = self._pending.pop(event.data)
-                request.result = event.res
-                request.done.set()
+                task, _, _ = self._pending.pop(event.data)
+                trio.lowlevel.reschedule(task, outcome.Value(event.res))
             if count < _REAP_BATCH:
                 break
         if not self._pending:

@@ -82,6 +82,10 @@ class FileBackend:
         # Buffered writes that only reach the page cache are cheap enough to run inline.
         self._inline_writes = not cache.direct and not cache.sync_writes
         self._nowait_reads = not cache.direct
+        if cache.direct:
+            # No O_DIRECT request completes without waiting for the disk: without the optional
+            # fast paths, callers skip a doomed attempt (and the reply buffer it would need).
+            self.try_pread = self.try_pwrite = None
         self._aio: AioContext | None = None  # made on first use, in the trio run that uses it
         self._aio_tried = False
         # A write to a regular file updates its mtime, which a non-blocking submission refuses
