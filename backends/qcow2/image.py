@@ -476,6 +476,8 @@ class Qcow2Image:
             if not self.refcounts.wants_refill():
                 return
             runs = await self.refcounts.start_refill()
+        if runs is None:
+            return
         durable = False
         try:
             with trio.CancelScope(shield=True):  # else the refill would stay under way for ever

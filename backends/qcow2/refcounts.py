@@ -134,7 +134,7 @@ class Refcounts:
         """Up to `wanted` contiguous clusters from the reservation, referenced once on disk already:
         (first index, count, fresh: never written, so they read as zeroes)."""
         if self._available() < wanted:
-            await self._reserve(max(wanted, self._batch))
+            await self._reserve(wanted)
         run = self.reserved[0]
         count = min(wanted, run.count)
         return self._take(count), count, run.fresh
@@ -171,10 +171,14 @@ class Refcounts:
         """The reservation runs low and no refill is under way."""
         return self._incoming is None and self._available() < self._batch // 2
 
-    async def start_refill(self) -> list[Run]:
-        """Claim the next batch; it is handed out after `finish_refill`, once a barrier has passed."""
-        self._incoming = await self._claim_runs(self._batch)
-        return self._incoming
+    async def start_refill(self) -> list[Run] | None:
+        """Claim the next batch; it is handed out after `finish_refill`, once a barrier has passed.
+        None if the refcount blocks there are have no free cluster left (the next allocation
+        creates one)."""
+        runs = await self._claim_runs(0, self._batch)
+        if runs:
+            self._incoming = runs
+        return runs or None
 
     def finish_refill(self, runs: list[Run], durable: bool) -> None:
         """After the barrier; if it failed, the batch stays claimed and unused (a leak)."""
@@ -184,17 +188,22 @@ class Refcounts:
                 self._add_ready(runs)
 
     async def _reserve(self, wanted: int) -> None:
-        """Claim `wanted` more clusters and make their increments durable, now."""
-        runs = await self._claim_runs(wanted)
+        """Claim `wanted` more clusters (and the rest of a batch) and make their increments durable, now."""
+        runs = await self._claim_runs(wanted, max(0, self._batch - wanted))
         await self._barrier()
         self._add_ready(runs)
 
-    async def _claim_runs(self, wanted: int) -> list[Run]:
-        """`wanted` clusters, now referenced once, their refcount blocks written (not yet durable)."""
+    async def _claim_runs(self, needed: int, extra: int) -> list[Run]:
+        """`needed` clusters and up to `extra` more, now referenced once, their refcount blocks
+        written (not yet durable). Only the needed ones may create refcount blocks or grow the
+        table: those are written where they are, and a block device ends somewhere."""
         runs: list[Run] = []
         claimed = 0
-        while claimed < wanted:
-            start, count, fresh = await self._claim(wanted - claimed)
+        while claimed < needed + extra:
+            claim = await self._claim(needed + extra - claimed, grow=claimed < needed)
+            if claim is None:
+                break
+            start, count, fresh = claim
             _append_run(runs, Run(start, count, fresh))
             claimed += count
         await self.write_dirty()
@@ -216,18 +225,22 @@ class Refcounts:
             self.next_free = min(self.next_free, run.start)
         self._batch = FIRST_BATCH
 
-    async def _claim(self, wanted: int) -> tuple[int, int, bool]:
+    async def _claim(self, wanted: int, grow: bool = True) -> tuple[int, int, bool] | None:
         """Up to `wanted` contiguous free clusters, now referenced once (in memory):
-        (first index, count, fresh)."""
+        (first index, count, fresh); None if there are none without `grow`ing the refcounts."""
         index = self.next_free
         per_block = self.per_block
         while True:
             table_index = index // per_block
             if table_index >= self.table_entries:
+                if not grow:
+                    return None
                 await self._grow_table(table_index)
                 continue
             block = await self.block(table_index)
             if block is None:
+                if not grow:
+                    return None
                 await self._create_block(table_index, index)
                 index += 1
                 continue
