@@ -109,13 +109,13 @@ class AioContext:
         return await self._submit(_IOCB_CMD_PWRITE, fd, buf, offset, rw_flags)
 
     async def _submit(self, opcode: int, fd: int, buf: memoryview, offset: int, rw_flags: int) -> int:
-        if self._closed:
-            raise trio.ClosedResourceError("the AIO context is closed")
         try:
             self._slots.acquire_nowait()  # no pass through the scheduler while slots are free
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
+            if self._closed:  # checked with a slot held: close() may have begun while we waited
+                raise trio.ClosedResourceError("the AIO context is closed")
             result = await self._submit_and_wait(opcode, fd, buf, offset, rw_flags | self._nowait)
         finally:
             self._slots.release()
