@@ -12,8 +12,8 @@ reaches the child (the page cache, at least) before its reply, in the order that
 consistent after a host crash at any moment: the new cluster's refcount is durable already (it
 comes from a reservation, see refcounts.py), then its data, then the L2 entry. A new L2 table is
 written, and a barrier passed, before the L1 entry that points at it. Refcount decrements wait for
-`_commit` (on FLUSH, or before every reply in writethrough and directsync): barrier, then
-decrements; a crash before that only leaks clusters.
+`_commit` (on FLUSH; before every reply in writethrough and directsync, and in unsafe, where
+barriers cost nothing): barrier, then decrements; a crash before that only leaks clusters.
 """
 
 import errno
