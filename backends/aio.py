@@ -24,7 +24,7 @@ import trio
 log = logging.getLogger(__name__)
 
 _SYS_IO_SETUP, _SYS_IO_DESTROY, _SYS_IO_GETEVENTS, _SYS_IO_SUBMIT = 206, 207, 208, 209  # x86_64
-_IOCB_CMD_PREAD, _IOCB_CMD_PWRITE = 0, 1
+_IOCB_CMD_PREAD, _IOCB_CMD_PWRITE, _IOCB_CMD_FDSYNC = 0, 1, 3
 _IOCB_FLAG_RESFD = 1  # signal aio_resfd (an eventfd) on completion
 DEPTH = 128  # requests in flight per context; more wait for a free slot
 _REAP_BATCH = 64
@@ -56,6 +56,9 @@ def _syscall(number: int, *args) -> int:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
     return result
+
+
+_NO_BUFFER = memoryview(bytearray())
 
 
 class WouldBlock(Exception):
@@ -108,7 +111,13 @@ class AioContext:
         """Write `buf` (as for read); `rw_flags` as pwritev2's (RWF_DSYNC for FUA)."""
         return await self._submit(_IOCB_CMD_PWRITE, fd, buf, offset, rw_flags)
 
-    async def _submit(self, opcode: int, fd: int, buf: memoryview, offset: int, rw_flags: int) -> int:
+    async def fdatasync(self, fd: int) -> None:
+        """fdatasync(2), run by the kernel in its own worker (Linux 4.18+; EINVAL before): no
+        thread of ours has to wake up for it. Works for buffered files too."""
+        await self._submit(_IOCB_CMD_FDSYNC, fd, _NO_BUFFER, 0, 0, nowait=False)
+
+    async def _submit(self, opcode: int, fd: int, buf: memoryview, offset: int, rw_flags: int,
+                      *, nowait: bool = True) -> int:
         try:
             self._slots.acquire_nowait()  # no pass through the scheduler while slots are free
         except trio.WouldBlock:
@@ -116,7 +125,8 @@ class AioContext:
         try:
             if self._closed:  # checked with a slot held: close() may have begun while we waited
                 raise trio.ClosedResourceError("the AIO context is closed")
-            result = await self._submit_and_wait(opcode, fd, buf, offset, rw_flags | self._nowait)
+            flags = rw_flags | (self._nowait if nowait else 0)
+            result = await self._submit_and_wait(opcode, fd, buf, offset, flags)
         finally:
             self._slots.release()
         if result >= 0:

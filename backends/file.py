@@ -88,6 +88,7 @@ class FileBackend:
             self.try_pread = self.try_pwrite = None
         self._aio: AioContext | None = None  # made on first use, in the trio run that uses it
         self._aio_tried = False
+        self._aio_fsync = True
         # A write to a regular file updates its mtime, which a non-blocking submission refuses
         # (EAGAIN, every time on ext4): those go straight to a worker thread.
         self._aio_writes = self.is_device
@@ -256,14 +257,12 @@ class FileBackend:
     async def _direct_io(self, buf: memoryview, offset: int, *, write: bool, flags: int = 0) -> int:
         """One O_DIRECT request: through AIO where it does not block, else in a worker thread.
         Either way it runs to completion even if the caller is cancelled: `buf` is in use."""
-        if not self._aio_tried:
-            self._aio_tried = True
-            self._aio = AioContext.create()
-        if self._aio is not None and (self._aio_writes or not write):
+        aio = self._aio_context()
+        if aio is not None and (self._aio_writes or not write):
             try:
                 if write:
-                    return await self._aio.write(self.fd, buf, offset, flags)
-                return await self._aio.read(self.fd, buf, offset)
+                    return await aio.write(self.fd, buf, offset, flags)
+                return await aio.read(self.fd, buf, offset)
             except WouldBlock:
                 pass
         if write:
@@ -302,7 +301,24 @@ class FileBackend:
 
     # Everything else waits for the disk, so it runs in a worker thread.
 
+    def _aio_context(self) -> AioContext | None:
+        if not self._aio_tried:
+            self._aio_tried = True
+            self._aio = AioContext.create()
+        return self._aio
+
     async def flush(self) -> None:
+        # Through AIO the kernel syncs in its own worker and signals the event loop: a flush
+        # then costs no thread hop of ours (about half its latency at QD1 here).
+        aio = self._aio_context() if self._aio_fsync else None
+        if aio is not None:
+            try:
+                await aio.fdatasync(self.fd)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._aio_fsync = False  # a kernel without AIO fsync
         await trio.to_thread.run_sync(os.fdatasync, self.fd)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:

@@ -67,7 +67,12 @@ def phases(calls: list[Call]) -> dict[str, list[Call]]:
 
 
 def syncs(calls: list[Call]) -> int:
-    return sum(call.name in ("fdatasync", "fsync") for call in calls)
+    """fdatasync or fsync calls, or the same submitted through AIO (IOCB_CMD_FDSYNC)."""
+    return sum(
+        call.name in ("fdatasync", "fsync")
+        or call.name == "io_submit" and "IOCB_CMD_FDSYNC" in call.args
+        for call in calls
+    )
 
 
 def dsync_writes(calls: list[Call]) -> int:

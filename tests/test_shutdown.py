@@ -14,14 +14,17 @@ from nbdserve.protocol.constants import Command, CommandFlag
 MiB = 1024 * 1024
 SIZE = 64 * MiB
 PATTERN = bytes(range(256)) * (SIZE // 256)
-STRACE_SYNCS = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=fdatasync,fsync", "-o"]
+STRACE_SYNCS = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=fdatasync,fsync,io_submit", "-o"]
 
 
 def flushed_after_signal(trace: str, signum: int) -> bool:
-    """True if the trace has an fdatasync or fsync after the server received `signum`."""
+    """True if the trace has an fdatasync or fsync (called, or submitted through AIO) after the
+    server received `signum`."""
     lines = trace.splitlines()
     received = next(i for i, line in enumerate(lines) if f"--- {signal.Signals(signum).name}" in line)
-    return any("fdatasync(" in line or "fsync(" in line for line in lines[received:])
+    return any(
+        "fdatasync(" in line or "fsync(" in line or "IOCB_CMD_FDSYNC" in line for line in lines[received:]
+    )
 
 
 def refused_soon_after_shutdown_began(server, within: float = 1.0) -> bool:
