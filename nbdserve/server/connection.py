@@ -161,8 +161,8 @@ class Connection:
             return
         self.export_name = export.name
         self.structured = handshake.structured_replies
-        self.has_contexts = bool(handshake.selected_contexts(negotiator.export_name))
         self.context_ids = list(handshake.selected_contexts(negotiator.export_name))
+        self.has_contexts = bool(self.context_ids)
         self._direct_buffers = export.min_block > 1
         self._read_header = OFFSET_DATA_HEADER_SIZE if self.structured else SIMPLE_REPLY_SIZE
         if type(self.stream) is trio.SocketStream:  # not TLS, not wrapped for idle timeouts
