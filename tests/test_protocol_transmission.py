@@ -171,6 +171,37 @@ def test_write_payload_memory_follows_the_bytes_that_arrived():
     assert event.length == length and event.data == payload
 
 
+def test_an_allocated_payload_is_received_in_place():
+    """With `allocate`, a large payload lands in the memory it gives, and what arrives after
+    the header's first chunk can be received straight into it (payload_space)."""
+    given = []
+
+    def allocate(length):
+        given.append(memoryview(bytearray(length)))
+        return given[-1]
+
+    parser = TransmissionParser(max_payload=MAX_PAYLOAD, allocate=allocate)
+    payload = bytes(range(256)) * (MAX_PAYLOAD // 256)
+    assert parser.payload_space() is None  # no payload arriving
+    parser.receive_data(request(Command.WRITE, 0, len(payload), cookie=1, data=payload[:100]))
+    assert parser.next_event() is NEED_DATA
+    space = parser.payload_space()
+    assert len(space) == len(payload) - 100
+    space[:1000] = payload[100:1100]
+    parser.payload_received(1000)
+    parser.receive_data(payload[1100:] + request(Command.FLUSH, cookie=2)[:5])  # and the usual way
+    assert parser.payload_space() is None  # bytes of the next request are buffered
+    write = parser.next_event()
+    assert write.data is given[0] and bytes(write.data) == payload
+    assert parser.next_event() is NEED_DATA
+
+
+def test_a_small_payload_that_arrives_whole_is_bytes_even_with_allocate():
+    parser = TransmissionParser(max_payload=MAX_PAYLOAD, allocate=lambda length: 1 / 0)
+    parser.receive_data(request(Command.WRITE, 0, 4, cookie=1, data=b"abcd"))
+    assert parser.next_event() == Request(1, Command.WRITE, 0, 0, 4, b"abcd")
+
+
 @pytest.mark.parametrize("mode", ["whole", "bytewise"])
 def test_bad_request_magic_is_a_protocol_error(mode):
     data = request(Command.FLUSH, cookie=1) + request(Command.READ, 0, 1, magic=0x12345678)

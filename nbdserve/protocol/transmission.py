@@ -1,6 +1,7 @@
 """Transmission phase, sans-IO: requests parsed from bytes, replies encoded to bytes."""
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .buffer import ReceiveBuffer
@@ -20,6 +21,9 @@ _SIMPLE_REPLY = struct.Struct(">IIQ")
 _CHUNK_HEADER = struct.Struct(">IHHQI")
 _OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")
 
+# Gives writable memory of exactly the length asked for.
+Allocate = Callable[[int], memoryview]
+
 SIMPLE_REPLY_SIZE = _SIMPLE_REPLY.size
 OFFSET_DATA_HEADER_SIZE = _OFFSET_DATA_HEADER.size
 
@@ -33,7 +37,7 @@ class Request:
     length: int
     # The payload of a WRITE; None for other commands and for a WRITE whose
     # payload was over the limit and so was drained instead of buffered.
-    data: bytes | bytearray | None = None
+    data: bytes | bytearray | memoryview | None = None
 
     @property
     def payload_dropped(self) -> bool:
@@ -41,15 +45,17 @@ class Request:
 
 
 class _Payload:
-    """A WRITE payload being received. Memory follows the bytes that arrived, beyond a first
-    megabyte: a header alone must not make the server allocate 32 MiB per connection."""
+    """A WRITE payload being received: into a buffer from the parser's `allocate`, or else into a
+    bytearray whose memory follows the bytes that arrived beyond a first megabyte (a header alone
+    must not make the server allocate 32 MiB per connection)."""
 
     PREALLOCATE = 1024 * 1024
 
-    def __init__(self, header: tuple, length: int) -> None:
+    def __init__(self, header: tuple, length: int, allocate: Allocate | None) -> None:
         self.header = header
         self.length = length
-        self.data = bytearray(min(length, self.PREALLOCATE))
+        self.allocated = allocate is not None
+        self.data = allocate(length) if allocate else bytearray(min(length, self.PREALLOCATE))
         self.filled = 0
 
     @property
@@ -70,8 +76,12 @@ class _Payload:
 class TransmissionParser:
     """Turns the client's byte stream into `Request` events."""
 
-    def __init__(self, *, max_payload: int, initial_data: bytes = b"") -> None:
+    def __init__(self, *, max_payload: int, initial_data: bytes = b"",
+                 allocate: Allocate | None = None) -> None:
+        """`allocate(length)` gives the writable memory a large payload is received into
+        (page-aligned memory for O_DIRECT, say); small payloads that arrive whole are bytes."""
         self._max_payload = max_payload
+        self._allocate = allocate
         self._buffer = ReceiveBuffer()
         self._payload: _Payload | None = None  # a WRITE whose payload is arriving
         self._drain = 0
@@ -88,6 +98,18 @@ class TransmissionParser:
             data = data[self._payload.feed(data) :]
         if data:
             self._buffer.append(data)
+
+    def payload_space(self) -> memoryview | None:
+        """Where the next bytes from the client may be received in place, skipping a copy: the
+        rest of an allocated payload that is arriving, or None (use receive_data)."""
+        payload = self._payload
+        if payload is None or not payload.allocated or len(self._buffer) or self._drain:
+            return None
+        return payload.data[payload.filled :]
+
+    def payload_received(self, count: int) -> None:
+        """`count` bytes were written at the start of payload_space()."""
+        self._payload.filled += count
 
     def next_event(self):
         if self._drain:
@@ -115,7 +137,7 @@ class TransmissionParser:
         payload = self._buffer.take(length)
         if payload is not None:
             return self._request(header, payload)
-        self._payload = _Payload(header, length)
+        self._payload = _Payload(header, length, self._allocate)
         self._payload.feed(self._buffer.take_all())
         return NEED_DATA
 
