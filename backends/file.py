@@ -3,11 +3,12 @@
 Where the bytes are in the page cache, I/O runs inline on the event loop: a thread hop costs about
 100 µs here, while a cached 4 KiB read costs 2 µs. Reads try preadv2(RWF_NOWAIT) first and fall
 back to a worker thread only for what is not cached. Buffered writes (writeback, unsafe) only copy
-into the page cache and run inline too. O_DIRECT reads and writes of whole blocks go through
-Linux native AIO (backends/aio.py), completed on the event loop, in page-aligned buffers from a
-pool (nbdserve/buffers.py); so do writes to block devices. The rest that waits for the disk (O_DSYNC, fdatasync, fallocate,
-ioctls, read-modify-write of partial blocks, and AIO requests that would block) runs in a worker
-thread.
+into the page cache and run inline too. O_DIRECT reads of whole blocks, O_DIRECT writes of whole
+blocks to block devices, and FLUSH go through Linux native AIO (backends/aio.py), completed on
+the event loop, in page-aligned buffers from a pool (nbdserve/buffers.py); the connection starts
+them without a task where it can (start_pread, start_pwrite, start_flush). The rest that waits
+for the disk (O_DSYNC, fallocate, ioctls, read-modify-write of partial blocks, and AIO requests
+that would block) runs in a worker thread.
 """
 
 import ctypes
@@ -22,13 +23,13 @@ from pathlib import Path
 
 import trio
 
-from nbdserve.backend import BackendError, Capabilities, CacheMode, Extent, OpenOptions
+from nbdserve.backend import BackendError, Capabilities, CacheMode, Done, Extent, OpenOptions, WouldBlock
 from nbdserve.buffers import direct_buffers
 from nbdserve.registry import ParseContext
 from nbdserve.settings import Section
 
 from . import linux
-from .aio import AioContext, WouldBlock
+from .aio import AioContext
 
 # Direct I/O alignment for regular files: the largest logical block size in use.
 _FILE_DIRECT_ALIGNMENT = 4096
@@ -82,16 +83,21 @@ class FileBackend:
         # Buffered writes that only reach the page cache are cheap enough to run inline.
         self._inline_writes = not cache.direct and not cache.sync_writes
         self._nowait_reads = not cache.direct
-        if cache.direct:
-            # No O_DIRECT request completes without waiting for the disk: without the optional
-            # fast paths, callers skip a doomed attempt (and the reply buffer it would need).
-            self.try_pread = self.try_pwrite = None
         self._aio: AioContext | None = None  # made on first use, in the trio run that uses it
         self._aio_tried = False
         self._aio_fsync = True
         # A write to a regular file updates its mtime, which a non-blocking submission refuses
         # (EAGAIN, every time on ext4): those go straight to a worker thread.
         self._aio_writes = self.is_device
+        # Callers skip the optional paths that cannot work here (and the buffers they need):
+        # no O_DIRECT request completes without waiting for the disk, and only O_DIRECT
+        # requests can be started through AIO.
+        if cache.direct:
+            self.try_pread = self.try_pwrite = None
+        else:
+            self.start_pread = None
+        if not (cache.direct and self._aio_writes):
+            self.start_pwrite = None
         if self.is_device:
             self._size = linux.device_size(fd)
             self.alignment = linux.logical_block_size(fd)
@@ -195,6 +201,13 @@ class FileBackend:
             buf = buf[count:]
             offset += count
 
+    def start_pread(self, buf: memoryview, offset: int, done: Done) -> bool:
+        """An O_DIRECT read of whole blocks into aligned memory, through AIO with no task."""
+        if not (self._range_aligned(offset, len(buf)) and _memory_aligned(buf)):
+            return False
+        aio = self._aio_context()
+        return aio is not None and aio.start_read(self.fd, buf, offset, _whole(len(buf), done))
+
     def _direct_read(self, buf: memoryview, offset: int) -> None:
         """An O_DIRECT read of part of a block (in a worker thread): through whole blocks."""
         start, end = self._block_range(offset, len(buf))
@@ -254,6 +267,33 @@ class FileBackend:
             buf = buf[count:]
             offset += count
 
+    def start_pwrite(self, buf, offset: int, fua: bool, done: Done) -> bool:
+        """An O_DIRECT write of whole blocks to a device, through AIO with no task; the bytes
+        are copied into aligned memory when they are not there already."""
+        if not self._range_aligned(offset, len(buf)):
+            return False
+        aio = self._aio_context()
+        if aio is None:
+            return False
+        buf = memoryview(buf)
+        flags = os.RWF_DSYNC if fua else 0
+        if _memory_aligned(buf):
+            return aio.start_write(self.fd, buf, offset, flags, _whole(len(buf), done))
+        bounce = direct_buffers.take(len(buf))
+        aligned = memoryview(bounce)[: len(buf)]
+        aligned[:] = buf
+
+        def written(result: int | Exception) -> None:
+            aligned.release()
+            direct_buffers.give(bounce)
+            _whole(len(buf), done)(result)
+
+        if aio.start_write(self.fd, aligned, offset, flags, written):
+            return True
+        aligned.release()
+        direct_buffers.give(bounce)
+        return False
+
     async def _direct_io(self, buf: memoryview, offset: int, *, write: bool, flags: int = 0) -> int:
         """One O_DIRECT request: through AIO where it does not block, else in a worker thread.
         Either way it runs to completion even if the caller is cancelled: `buf` is in use."""
@@ -304,7 +344,7 @@ class FileBackend:
     def _aio_context(self) -> AioContext | None:
         if not self._aio_tried:
             self._aio_tried = True
-            self._aio = AioContext.create()
+            self._aio = AioContext.create(linux.unsplit_request_limit(self.fd))
         return self._aio
 
     async def flush(self) -> None:
@@ -320,6 +360,19 @@ class FileBackend:
                     raise
                 self._aio_fsync = False  # a kernel without AIO fsync
         await trio.to_thread.run_sync(os.fdatasync, self.fd)
+
+    def start_flush(self, done: Done) -> bool:
+        aio = self._aio_context() if self._aio_fsync else None
+        if aio is None:
+            return False
+
+        def synced(result: int | Exception) -> None:
+            if isinstance(result, OSError) and result.errno == errno.EINVAL:
+                self._aio_fsync = False  # a kernel without AIO fsync: the async method copes
+                result = WouldBlock()
+            done(result if isinstance(result, Exception) else None)
+
+        return aio.start_fdatasync(self.fd, synced)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await trio.to_thread.run_sync(self._trim, offset, length, fua)
@@ -427,6 +480,17 @@ class FileBackend:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+def _whole(length: int, done: Done):
+    """An AIO completion for `done`: a short count (the device ended) goes to the async method,
+    which loops or reports it."""
+    def complete(result: int | Exception) -> None:
+        if isinstance(result, Exception):
+            done(result)
+        else:
+            done(None if result == length else WouldBlock())
+    return complete
 
 
 def _memory_aligned(buf: memoryview) -> bool:

@@ -2,7 +2,9 @@
 
 import ctypes
 import fcntl
+import mmap
 import os
+import stat
 import struct
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -58,11 +60,30 @@ def zero_out(fd: int, offset: int, length: int) -> None:
 
 
 def device_queue_limit(fd: int, name: str) -> int:
-    """A value from /sys/dev/block/MAJ:MIN/queue/NAME, or 0 when it cannot be read."""
-    rdev = os.fstat(fd).st_rdev
-    path = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/queue/{name}"
-    try:
-        with open(path) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
+    """A value from /sys/dev/block/MAJ:MIN/queue/NAME of a block device, or 0 when it cannot
+    be read."""
+    return _queue_value(os.fstat(fd).st_rdev, name)
+
+
+def unsplit_request_limit(fd: int) -> int:
+    """The largest O_DIRECT request (in memory of scattered pages) that the device under a block
+    device or file takes without splitting it, or 0 when unknown: one segment per page."""
+    st = os.fstat(fd)
+    device = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
+    sectors_kb = _queue_value(device, "max_sectors_kb")
+    segments = _queue_value(device, "max_segments")
+    if not sectors_kb or not segments:
         return 0
+    return min(sectors_kb * 1024, segments * mmap.PAGESIZE) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def _queue_value(device: int, name: str) -> int:
+    # A partition has no queue of its own: its disk's is one level up.
+    base = f"/sys/dev/block/{os.major(device)}:{os.minor(device)}"
+    for path in (f"{base}/queue/{name}", f"{base}/../queue/{name}"):
+        try:
+            with open(path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+    return 0

@@ -12,6 +12,7 @@ Errors: raise OSError (or `BackendError`) with an errno; the export maps it to a
 import errno
 from dataclasses import dataclass
 from enum import Enum
+from collections.abc import Callable
 from typing import Protocol
 
 from .protocol.constants import MAX_PAYLOAD_DEFAULT
@@ -22,6 +23,15 @@ class BackendError(OSError):
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(code, message)
+
+
+class WouldBlock(Exception):
+    """The request was not done because doing it would block the event loop: redo it through the
+    async method (which may use a worker thread)."""
+
+
+# A started request's outcome, on the event loop: None when done, else an OSError or WouldBlock.
+Done = Callable[[Exception | None], None]
 
 
 def unsupported(what: str) -> BackendError:
@@ -119,5 +129,17 @@ class Backend(Protocol):
     def try_pread(self, buf: memoryview, offset: int) -> bool: ...
 
     def try_pwrite(self, buf: memoryview | bytes, offset: int) -> bool: ...
+
+    # Optional completion-style paths, for I/O the kernel finishes on its own (native AIO):
+    # start the request without blocking and return True, then call `done` from the event loop
+    # (`done` may run before the call returns); or return False having started nothing. `buf`
+    # stays untouched by the caller until `done`. A WouldBlock outcome sends the request to the
+    # async method.
+
+    def start_pread(self, buf: memoryview, offset: int, done: Done) -> bool: ...
+
+    def start_pwrite(self, buf: memoryview | bytes, offset: int, fua: bool, done: Done) -> bool: ...
+
+    def start_flush(self, done: Done) -> bool: ...
 
     async def close(self) -> None: ...

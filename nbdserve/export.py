@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from .access import ExportAccess
-from .backend import Backend, CacheMode, Extent, OpenOptions
+from .backend import Backend, CacheMode, Done, Extent, OpenOptions
 from .protocol.constants import (
     Command,
     CommandFlag,
@@ -112,6 +112,11 @@ class Export:
         self._try_pread = getattr(backend, "try_pread", None)
         self.reads_inline = self._try_pread is not None  # else a read always needs a task
         self._try_pwrite = getattr(backend, "try_pwrite", None)
+        self._start_pread = getattr(backend, "start_pread", None)
+        self._start_pwrite = getattr(backend, "start_pwrite", None)
+        self._start_flush = getattr(backend, "start_flush", None)
+        # Whether a read may be started without a task (then it needs a reply buffer first).
+        self.starts_reads = self._start_pread is not None
 
     def __repr__(self) -> str:
         return f"<Export {self.name!r} size={self.size}>"
@@ -185,6 +190,24 @@ class Export:
     def try_write(self, data, offset: int) -> bool:
         """Write without blocking if the backend can (buffered writes): True when done."""
         return self._try_pwrite is not None and self._try_pwrite(data, offset)
+
+    # Started without a task, where the backend can: see Backend.start_pread. False: use the
+    # async method.
+
+    def start_read(self, buf: memoryview, offset: int, done: Done) -> bool:
+        return self._start_pread is not None and self._start_pread(buf, offset, done)
+
+    def start_write(self, data, offset: int, fua: bool, done: Done) -> bool:
+        fua = fua and self._honours_flush
+        if self._start_pwrite is None or (fua and not self.capabilities.can_fua):
+            return False
+        return self._start_pwrite(data, offset, fua, done)
+
+    def start_flush(self, done: Done) -> bool:
+        if not (self._honours_flush and self.capabilities.can_flush):
+            done(None)
+            return True
+        return self._start_flush is not None and self._start_flush(done)
 
     async def write(self, data, offset: int, *, fua: bool) -> None:
         fua = fua and self._honours_flush

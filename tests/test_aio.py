@@ -10,8 +10,11 @@ import pytest
 import trio
 import trio.testing
 
-from backends.aio import AioContext, WouldBlock
+from backends import aio as aio_module
+from backends import linux
+from backends.aio import AioContext
 from conftest import run
+from nbdserve.backend import WouldBlock
 from nbdserve.buffers import BufferPool
 
 MiB = 1024 * 1024
@@ -46,11 +49,17 @@ def direct_device(tmp_path):
         run(["losetup", "-d", device])
 
 
-def in_trio(test):
+def read_direct(fd: int, length: int, offset: int) -> bytes:
+    with BufferPool().borrowed(length) as buf:
+        assert os.preadv(fd, [buf], offset) == length
+        return bytes(buf)
+
+
+def in_trio(test, max_request: int = 0):
     """Run `test(aio)` with a fresh context, closed afterwards."""
 
     async def main():
-        aio = AioContext()
+        aio = AioContext(max_request)
         try:
             return await test(aio)
         finally:
@@ -175,6 +184,79 @@ def test_close_waits_for_requests_in_flight(direct_file):
 
     assert trio.run(main) == 8
     assert sorted(done) == sorted(pattern[i * MiB : i * MiB + 16] for i in range(8))
+
+
+def test_large_requests_go_in_pieces_the_device_takes_whole(direct_device):
+    """A request the device would split fails with RWF_NOWAIT (EAGAIN): the context submits
+    pieces no larger than the device's limit instead, and completes the request once."""
+    fd, pattern = direct_device
+    limit = linux.unsplit_request_limit(fd)
+    assert limit and limit % 4096 == 0 and limit < 4 * MiB
+
+    async def test(aio):
+        with BufferPool().borrowed(4 * MiB) as buf:
+            results = []
+            assert aio.start_read(fd, buf, 0, results.append)
+            pieces_in_flight = len(aio._pending)
+            with trio.fail_after(5):
+                while not results:
+                    await trio.sleep(0.001)
+            data = bytes(buf)
+            buf[:] = b"w" * len(buf)
+            written = await aio.write(fd, buf, 2 * MiB)
+            return pieces_in_flight, results, data, written
+
+    pieces_in_flight, results, data, written = in_trio(test, max_request=limit)
+    assert pieces_in_flight == -(-4 * MiB // limit)
+    assert results == [4 * MiB] and data == pattern[: 4 * MiB]
+    assert written == 4 * MiB
+    assert read_direct(fd, 4 * MiB, 2 * MiB) == b"w" * 4 * MiB
+
+
+def test_pieces_of_a_read_past_the_end_count_what_there_is(direct_file):
+    fd, pattern = direct_file
+
+    async def test(aio):
+        with BufferPool().borrowed(4 * 8192) as buf:
+            return await aio.read(fd, buf, len(pattern) - 12288), bytes(buf[:12288])
+
+    assert in_trio(test, max_request=8192) == (12288, pattern[-12288:])
+
+
+def test_started_requests_report_through_their_callback(direct_device):
+    fd, pattern = direct_device
+
+    async def test(aio):
+        outcomes = []
+        with BufferPool().borrowed(8192) as buf:
+            assert aio.start_read(fd, buf[:4096], 4096, outcomes.append)
+            buf[4096:] = b"s" * 4096
+            assert aio.start_write(fd, buf[4096:], 0, 0, outcomes.append)
+            assert aio.start_fdatasync(fd, outcomes.append)
+            with trio.fail_after(5):
+                while len(outcomes) < 3:
+                    await trio.sleep(0.001)
+            return sorted(outcomes), bytes(buf[:4096])
+
+    outcomes, data = in_trio(test)
+    assert outcomes == [0, 4096, 4096] and data == pattern[4096:8192]
+    assert read_direct(fd, 4096, 0) == b"s" * 4096
+
+
+def test_a_full_context_starts_nothing_more(direct_device):
+    fd, _ = direct_device
+
+    async def test(aio):
+        buffers = [memoryview(BufferPool().take(4096))[:4096] for _ in range(aio_module.DEPTH + 1)]
+        outcomes = []
+        started = [aio.start_read(fd, buf, 0, outcomes.append) for buf in buffers]
+        with trio.fail_after(5):
+            while len(outcomes) < started.count(True):
+                await trio.sleep(0.001)
+        return started
+
+    started = in_trio(test)
+    assert started == [True] * aio_module.DEPTH + [False]
 
 
 # Through the server.

@@ -1,9 +1,12 @@
 """One client connection: handshake, then requests in flight with out-of-order replies.
 
-One reader task parses requests and starts a task per request, at most `max_in_flight` at once
-(backpressure: the reader stops reading while all slots are busy). Replies go out under one send
-lock, each as a single send. Errors from one request become NBD error replies; errors from the
-protocol or the stream end this connection only.
+One reader task parses requests, at most `max_in_flight` in progress at once (backpressure: the
+reader stops reading while all slots are busy). A request is served in one of three ways, the
+cheapest that the export allows: inline, when it completes without blocking (a page-cache read,
+a buffered write); started without a task, when the kernel completes it on its own and a callback
+replies (native AIO); or in a task of its own. Replies go out whole and in order through one
+ReplySender. Errors from one request become NBD error replies; errors from the protocol or the
+stream end this connection only.
 """
 
 import logging
@@ -16,6 +19,7 @@ from ..access import Client
 from ..buffers import direct_buffers
 from ..catalog import Catalog
 from ..config import Limits
+from ..backend import WouldBlock
 from ..export import Export, RequestError, nbd_error
 from ..protocol.constants import Command, CommandFlag, Error
 from ..protocol.errors import NEED_DATA, ProtocolError
@@ -35,6 +39,7 @@ from ..protocol.transmission import (
 from ..stats import Counters
 from .limits import IdleTimeoutStream
 from .negotiation import Negotiator
+from .sender import ReplySender
 from .socketio import SocketIO
 from .tls import TLSConfig, peer_subject, start_tls
 
@@ -45,8 +50,11 @@ RECEIVE_SIZE = 256 * 1024
 _BATCH_REPLIES = 64
 _BATCH_BYTES = 128 * 1024
 # Plain ints for the per-request fast path: enum arithmetic costs microseconds.
-_READ, _WRITE, _DISC = int(Command.READ), int(Command.WRITE), int(Command.DISC)
+_READ, _WRITE, _FLUSH = int(Command.READ), int(Command.WRITE), int(Command.FLUSH)
+_DISC = int(Command.DISC)
 _FUA = int(CommandFlag.FUA)
+# _serve_inline's answer for a request whose completion callback will reply.
+_STARTED = object()
 
 
 class ConnectionClosed(Exception):
@@ -69,8 +77,9 @@ class Connection:
         self._slots: trio.Semaphore | None = None
         self.export: Export | None = None
         self.export_name = ""
-        self._send_lock = trio.Lock()
         self._socket_io: SocketIO | None = None  # the fast path, once transmission starts
+        self._sender: ReplySender | None = None  # once transmission starts
+        self._requests: trio.Nursery | None = None
         self._stopping = False
         self._reader_scope = trio.CancelScope()
 
@@ -132,6 +141,25 @@ class Connection:
             raise ConnectionClosed
         return data
 
+    async def _receive_into(self, parser: TransmissionParser) -> None:
+        space = parser.payload_space() if self._socket_io is not None else None
+        if space is None:
+            parser.receive_data(await self._receive())
+            return
+        count = await self._socket_io.receive_into(space)
+        if not count:
+            raise ConnectionClosed
+        parser.payload_received(count)
+
+    @staticmethod
+    def _pooled_payload(length: int) -> memoryview:
+        return memoryview(direct_buffers.take(length))[:length]
+
+    def _release_payload(self, request: Request) -> None:
+        """Give back a payload from _pooled_payload once nothing uses it any more."""
+        if self._direct_buffers and type(request.data) is memoryview:
+            direct_buffers.give(request.data.obj)
+
     async def _handshake(self) -> Negotiator | None:
         handshake = ServerHandshake()
         negotiator = Negotiator(handshake, self.catalog, self.tls, self.client)
@@ -171,12 +199,25 @@ class Connection:
         parser = TransmissionParser(
             max_payload=min(self.limits.max_payload, export.max_payload),
             initial_data=handshake.trailing_data,
+            # O_DIRECT exports take large payloads in pooled page-aligned memory, as they come.
+            allocate=self._pooled_payload if self._direct_buffers else None,
         )
         self._slots = slots = trio.Semaphore(self.limits.max_in_flight)
+        self._sender = sender = ReplySender(self.stream, on_broken=self.stop_reading)
         try:
             # serving(): when the export goes away (its LV removed), stop_reading() ends us cleanly.
-            async with self.catalog.serving(export, self.stop_reading), trio.open_nursery() as requests:
-                await self._read_requests(parser, slots, requests)
+            async with self.catalog.serving(export, self.stop_reading), trio.open_nursery() as writer:
+                writer.start_soon(sender.run)
+                try:
+                    async with trio.open_nursery() as requests:
+                        self._requests = requests
+                        await self._read_requests(parser, slots, requests)
+                        # Requests started without a task hold a slot until they reply; one
+                        # may still need a task, so the nursery stays open until all are done.
+                        for _ in range(self.limits.max_in_flight):
+                            await slots.acquire()
+                finally:
+                    sender.close()
         finally:
             c = self.counters
             log.info(
@@ -201,14 +242,15 @@ class Connection:
                     # Only the wait for more requests is cancelled at shutdown: a reply cut
                     # short would lose requests already served and garble the stream.
                     with self._reading() as reading:
-                        data = await self._receive()
+                        await self._receive_into(parser)
                     if reading.cancelled_caught:
                         return
-                    parser.receive_data(data)
                     continue
                 if request.command == _DISC:
                     return
                 reply = self._serve_inline(request)
+                if reply is _STARTED:
+                    continue
                 if reply is not None:
                     batch.append(reply)
                     if len(batch) >= _BATCH_REPLIES or len(reply) >= _BATCH_BYTES:
@@ -226,9 +268,10 @@ class Connection:
                     await self._send_batch(batch)
 
     def _serve_inline(self, request: Request):
-        """The reply if the request completed without blocking, else None (it needs a task)."""
+        """Serve a request without a task where the export can: the reply if it completed at
+        once, _STARTED if a completion callback will reply, None if it needs a task."""
         command = request.command
-        if command != _READ and command != _WRITE:
+        if command != _READ and command != _WRITE and command != _FLUSH:
             return None
         start = time.perf_counter_ns()
         export = self.export
@@ -237,22 +280,77 @@ class Connection:
         except RequestError:
             return None  # the task path replies with the error
         if command == _READ:
-            if not request.length or not export.reads_inline:
-                return None  # spare the reply buffer a backend without try_pread never fills
+            if not request.length or not (export.reads_inline or export.starts_reads):
+                return None  # spare the reply buffer a backend never fills
             reply, data, pooled = self._reply_buffer(self._read_header, request.length)
             if not export.try_read(data, request.offset):
+                if self._start(request, export.start_read, (data, request.offset), reply, pooled):
+                    return _STARTED
                 self._release_reply(pooled)
                 return None
             # A pooled buffer served inline is not given back: the batch holds it until sent.
             self._pack_read_header(reply, request)
             self.counters.bytes_read += request.length
-        else:
-            if request.flags & _FUA or not export.try_write(request.data, request.offset):
-                return None
+        elif command == _WRITE:
+            fua = bool(request.flags & _FUA)
+            if fua or not export.try_write(request.data, request.offset):
+                started = self._start(request, export.start_write, (request.data, request.offset, fua))
+                return _STARTED if started else None
+            self._release_payload(request)
             self.counters.bytes_written += request.length
             reply = simple_reply(request.cookie)
+        else:
+            return _STARTED if self._start(request, export.start_flush, ()) else None
         self.counters.record(command, time.perf_counter_ns() - start)
         return reply
+
+    def _start(self, request: Request, start, args: tuple, reply: memoryview | None = None,
+               pooled: mmap.mmap | None = None) -> bool:
+        """Start a request through `start(*args, done)` with a slot held until it replies:
+        True if it started."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False  # all slots busy: the reader waits for one on the task path
+        try:
+            if start(*args, self._completion(request, reply, pooled)):
+                return True
+        except Exception:
+            log.debug("%s: starting %s failed; serving it in a task", self.peer, _name(request),
+                      exc_info=True)
+        self._slots.release()
+        return False
+
+    def _completion(self, request: Request, reply: memoryview | None, pooled: mmap.mmap | None):
+        """The callback that replies to a started request (a READ's reply buffer given)."""
+        start = time.perf_counter_ns()
+
+        def finished(_sent: bool) -> None:
+            self._release_reply(pooled)
+            self._release_payload(request)
+            self._slots.release()
+            self.counters.record(request.command, time.perf_counter_ns() - start)
+
+        def done(error: Exception | None) -> None:
+            if error is None:
+                if reply is None:
+                    if request.command == _WRITE:
+                        self.counters.bytes_written += request.length
+                    self._sender.send_nowait(simple_reply(request.cookie), finished)
+                else:
+                    self._pack_read_header(reply, request)
+                    self.counters.bytes_read += request.length
+                    self._sender.send_nowait(reply, finished)
+            elif isinstance(error, WouldBlock):
+                # Done the ordinary way, in a task that inherits the slot.
+                self._release_reply(pooled)
+                self._requests.start_soon(self._serve_request, request, self._slots)
+            else:
+                self.counters.errors += 1
+                message = self._failed(request, error)
+                self._sender.send_nowait(self._error_reply(request, nbd_error(error), message), finished)
+
+        return done
 
     async def _send_batch(self, batch: list) -> None:
         # Small replies are joined into one send; a large one goes out on its own, uncopied.
@@ -271,12 +369,12 @@ class Connection:
         except RequestError as exc:
             await self._send_error(request, exc.error, str(exc))
         except OSError as exc:
-            log.warning("%s: %s on export %r failed: %s", self.peer, _name(request), self.export_name, exc)
-            await self._send_error(request, nbd_error(exc), exc.strerror or str(exc))
+            await self._send_error(request, nbd_error(exc), self._failed(request, exc))
         except Exception:
             log.exception("%s: %s failed unexpectedly", self.peer, _name(request))
             await self._send_error(request, Error.EIO, "internal server error")
         finally:
+            self._release_payload(request)
             slots.release()
             self.counters.record(request.command, time.perf_counter_ns() - start)
 
@@ -351,30 +449,25 @@ class Connection:
         if pooled is not None:
             direct_buffers.give(pooled)
 
+    def _failed(self, request: Request, exc: OSError) -> str:
+        """Log a request the backend failed; the message for the client."""
+        log.warning("%s: %s on export %r failed: %s", self.peer, _name(request), self.export_name, exc)
+        return exc.strerror or str(exc)
+
+    def _error_reply(self, request: Request, error: Error, message: str) -> bytes:
+        if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
+            return error_chunk(request.cookie, error, message)
+        return simple_reply(request.cookie, error)
+
     async def _send_error(self, request: Request, error: Error, message: str) -> None:
         self.counters.errors += 1
-        if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
-            await self._send(error_chunk(request.cookie, error, message))
-        else:
-            await self._send(simple_reply(request.cookie, error))
+        await self._send(self._error_reply(request, error, message))
 
     async def _send(self, data) -> None:
-        lock = self._send_lock
         try:
-            try:
-                lock.acquire_nowait()  # no scheduler pass when nobody else is sending
-            except trio.WouldBlock:
-                await lock.acquire()
-            try:
-                if self._socket_io is not None:
-                    await self._socket_io.send_all(data)
-                else:
-                    await self.stream.send_all(data)
-            finally:
-                lock.release()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The client is gone: stop reading; the other in-flight requests finish quietly.
-            self.stop_reading()
+            await self._sender.send(data)
+        except trio.BrokenResourceError:
+            pass  # the client is gone: the sender stopped reading; the rest finish quietly
 
 
 def _name(request: Request) -> str:

@@ -1,0 +1,96 @@
+"""ReplySender: replies whole and in order from callbacks and tasks, over a socket and over a
+wrapped stream; backpressure, a peer that goes away, and closing."""
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from nbdserve.server.sender import ReplySender
+
+MiB = 1024 * 1024
+LARGE = bytes(range(256)) * (4 * MiB // 256)  # more than a socket buffer holds
+
+
+def socket_pair():
+    left, right = trio.socket.socketpair()
+    return trio.SocketStream(left), trio.SocketStream(right)
+
+
+async def receive_exact(stream, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        assert chunk, f"EOF after {len(data)} of {count} bytes"
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("pair", [socket_pair, trio.testing.memory_stream_pair])
+async def test_replies_arrive_whole_in_order_and_report_when_sent(pair, nursery):
+    server, client = pair()
+    broken = []
+    sender = ReplySender(server, on_broken=lambda: broken.append(True))
+    nursery.start_soon(sender.run)
+    sent = []
+    sender.send_nowait(LARGE, lambda ok: sent.append(("large", ok)))
+    sender.send_nowait(b"small", lambda ok: sent.append(("small", ok)))
+    assert ("small", True) not in sent  # behind the large one, which the socket cannot take whole
+    assert await receive_exact(client, len(LARGE)) == LARGE
+    assert await receive_exact(client, 5) == b"small"
+    with trio.fail_after(5):
+        while len(sent) < 2:
+            await trio.sleep(0.001)
+    assert sent == [("large", True), ("small", True)] and not broken
+
+
+async def test_send_returns_once_the_client_has_taken_the_bytes(nursery):
+    server, client = socket_pair()
+    sender = ReplySender(server, on_broken=lambda: None)
+    nursery.start_soon(sender.run)
+    returned = trio.Event()
+
+    async def send_large():
+        await sender.send(LARGE)
+        returned.set()
+
+    nursery.start_soon(send_large)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not returned.is_set()  # the client has read nothing: backpressure
+    assert await receive_exact(client, len(LARGE)) == LARGE
+    with trio.fail_after(5):
+        await returned.wait()
+
+
+async def test_a_peer_that_goes_away_fails_queued_and_later_replies(nursery):
+    server, client = socket_pair()
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    broken = []
+    sender = ReplySender(server, on_broken=lambda: broken.append(True))
+    nursery.start_soon(sender.run)
+    outcomes = []
+    sender.send_nowait(LARGE, outcomes.append)
+    await client.aclose()  # with linger 0: a reset, so writes fail at once
+    with trio.fail_after(5):
+        while not outcomes:
+            await trio.sleep(0.001)
+    assert outcomes == [False] and broken == [True]
+    sender.send_nowait(b"late", outcomes.append)
+    assert outcomes == [False, False]
+    with pytest.raises(trio.BrokenResourceError):
+        await sender.send(b"later")
+
+
+async def test_close_sends_what_is_queued_then_ends_the_writer():
+    server, client = socket_pair()
+    sender = ReplySender(server, on_broken=lambda: None)
+    outcomes = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.run)
+        sender.send_nowait(LARGE, outcomes.append)
+        sender.close()
+        assert await receive_exact(client, len(LARGE)) == LARGE
+    assert outcomes == [True]  # the writer returned: the nursery closed
+    sender.send_nowait(b"after", outcomes.append)
+    assert outcomes == [True, False]
