@@ -1,8 +1,9 @@
 """The rbd source: a Ceph RBD image, or a snapshot of one (exported read-only), through librbd.
 
-Requests go through librbd's asynchronous calls: a request submits one aio call and its task
-sleeps until librbd's callback thread hands the completion back to trio with `run_sync_soon`, so
-no thread is spent per request. Only what librbd offers solely as blocking calls (connect, open,
+Requests go through librbd's asynchronous calls: a request submits one aio call, and librbd's
+callback thread hands the completion back to trio with `run_sync_soon`, so no thread of ours is
+spent per request. Reads, writes and flushes are started without a task (start_pread and
+friends): the connection replies from the completion. Only what librbd offers solely as blocking calls (connect, open,
 close, diff_iterate) runs in a worker thread.
 
 Ceph's Python bindings (Debian's python3-rados and python3-rbd; PyPI has no usable ones) are
@@ -17,7 +18,7 @@ from pathlib import Path
 import outcome
 import trio
 
-from nbdserve.backend import BackendError, Capabilities, Extent, OpenOptions
+from nbdserve.backend import BackendError, Capabilities, Done, Extent, OpenOptions
 from nbdserve.registry import ParseContext
 from nbdserve.settings import ConfigError, Section
 
@@ -243,6 +244,12 @@ class OpenImage:
             self.cluster.shutdown()
 
 
+def _writable(buf) -> bytes | bytearray:
+    # The binding takes bytes or bytearray; the caller holds `buf` until the write completes,
+    # and librbd may write straight from that memory.
+    return buf if isinstance(buf, (bytes, bytearray)) else bytes(buf)
+
+
 def _error(exc: Exception, message: str) -> BackendError:
     code = getattr(exc, "errno", None) or errno.EIO
     return BackendError(code, f"{message}: {os.strerror(code)}")
@@ -284,38 +291,77 @@ class RbdBackend:
     def get_size(self) -> int:
         return self._size
 
-    async def _complete(self, what: str, submit, *args, **options) -> tuple:
-        """Submit one librbd aio call and wait for its completion: (return value, extra args)."""
-        task = trio.lowlevel.current_task()
+    def _submit(self, what: str, submit, args: tuple, options: dict, on_result) -> None:
+        """Submit one librbd aio call; `on_result(return value, extra args)` then runs on the
+        event loop."""
         token = self._token
 
         def oncomplete(completion, *extra) -> None:  # in librbd's callback thread
-            token.run_sync_soon(
-                trio.lowlevel.reschedule, task, outcome.Value((completion.get_return_value(), extra))
-            )
+            token.run_sync_soon(on_result, completion.get_return_value(), extra)
 
         try:
             submit(*args, oncomplete, **options)
         except self._rbd_error as exc:
             raise _error(exc, f"{what} on rbd image {self._name!r} failed") from exc
+
+    def _failure(self, what: str, result: int) -> BackendError:
+        return BackendError(-result, f"{what} on rbd image {self._name!r} failed: {os.strerror(-result)}")
+
+    async def _complete(self, what: str, submit, *args, **options) -> tuple:
+        """Submit one librbd aio call and wait for its completion: (return value, extra args)."""
+        task = trio.lowlevel.current_task()
+        self._submit(what, submit, args, options,
+                     lambda result, extra: trio.lowlevel.reschedule(task, outcome.Value((result, extra))))
         # librbd cannot take a request back and may still use its buffer, so a cancelled
         # request still waits for its completion (bounded by the timeout setting).
         result, extra = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         if result < 0:
-            raise BackendError(-result, f"{what} on rbd image {self._name!r} failed: {os.strerror(-result)}")
+            raise self._failure(what, result)
         return result, extra
+
+    def _start(self, what: str, submit, args: tuple, done: Done, finish=None) -> bool:
+        """Submit one librbd aio call for a request started without a task: `finish(extra)`
+        completes it on success, then `done` gets the outcome."""
+        def on_result(result: int, extra: tuple, _pinned=args) -> None:
+            # _pinned: the arguments (a write's bytes) live until librbd is done with them.
+            if result < 0:
+                done(self._failure(what, result))
+                return
+            try:
+                if finish is not None:
+                    finish(extra)
+            except OSError as exc:
+                done(exc)
+                return
+            done(None)
+
+        try:
+            self._submit(what, submit, args, {}, on_result)
+        except BackendError:
+            return False  # the async method meets the same error and reports it
+        return True
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         _, (data,) = await self._complete("read", self._image.aio_read, offset, len(buf))
+        self._fill(buf, data, offset)
+
+    def start_pread(self, buf: memoryview, offset: int, done: Done) -> bool:
+        return self._start("read", self._image.aio_read, (offset, len(buf)), done,
+                           lambda extra: self._fill(buf, extra[0], offset))
+
+    def _fill(self, buf: memoryview, data: bytes, offset: int) -> None:
         if len(data) != len(buf):
             raise BackendError(errno.EIO, f"short read from rbd image {self._name!r} at {offset}")
         buf[:] = data
 
     async def pwrite(self, buf, offset: int, *, fua: bool = False) -> None:
-        # The binding takes bytes or bytearray; holding `data` here keeps it alive until librbd
-        # is done with it (librbd may write straight from the caller's memory).
-        data = buf if isinstance(buf, (bytes, bytearray)) else bytes(buf)
-        await self._complete("write", self._image.aio_write, data, offset)
+        await self._complete("write", self._image.aio_write, _writable(buf), offset)
+
+    def start_pwrite(self, buf, offset: int, fua: bool, done: Done) -> bool:
+        return self._start("write", self._image.aio_write, (_writable(buf), offset), done)
+
+    def start_flush(self, done: Done) -> bool:
+        return self._start("flush", self._image.aio_flush, (), done)
 
     async def flush(self) -> None:
         await self._complete("flush", self._image.aio_flush)
