@@ -130,6 +130,10 @@ class Backend(Protocol):
 
     def try_pwrite(self, buf: memoryview | bytes, offset: int) -> bool: ...
 
+    def known_zero(self, offset: int, length: int) -> bool:
+        """Whether the range is known, without I/O, to read as zeroes (a structured reply
+        then sends a hole instead of the bytes)."""
+
     # Optional completion-style paths, for I/O the kernel finishes on its own (native AIO):
     # start the request without blocking and return True, then call `done` from the event loop
     # (`done` may run before the call returns); or return False having started nothing. `buf`

@@ -112,6 +112,7 @@ class Export:
         self._try_pread = getattr(backend, "try_pread", None)
         self.reads_inline = self._try_pread is not None  # else a read always needs a task
         self._try_pwrite = getattr(backend, "try_pwrite", None)
+        self._known_zero = getattr(backend, "known_zero", None)
         self._start_pread = getattr(backend, "start_pread", None)
         self._start_pwrite = getattr(backend, "start_pwrite", None)
         self._start_flush = getattr(backend, "start_flush", None)
@@ -186,6 +187,10 @@ class Export:
     def try_read(self, buf: memoryview, offset: int) -> bool:
         """Read without blocking if the backend can (page cache hits): True when done."""
         return self._try_pread is not None and self._try_pread(buf, offset)
+
+    def known_zero(self, offset: int, length: int) -> bool:
+        """The range reads as zeroes, as the backend knows without I/O."""
+        return self._known_zero is not None and self._known_zero(offset, length)
 
     def try_write(self, data, offset: int) -> bool:
         """Write without blocking if the backend can (buffered writes): True when done."""

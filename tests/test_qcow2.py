@@ -72,6 +72,34 @@ def test_nbdinfo_and_nbdcopy(tmp_path, start_server):
     assert "data" in mapping
 
 
+def test_reads_of_clusters_that_read_as_zeroes_are_sent_as_holes(tmp_path, start_server):
+    """Structured replies carry a known hole (unallocated or zero clusters) as one OFFSET_HOLE
+    chunk instead of the zeroes; a range with data in it comes as data."""
+    image = qemu_img_create(tmp_path / "disk.qcow2", 8 * MIB)
+    server = serve(start_server, image)
+    qemu_io(server.uri(), "write -P 7 1M 64k", "write -z 2M 1M")
+    handle = nbd.NBD()
+    handle.connect_uri(server.uri())
+
+    def chunks_of(offset, length, flags=0):
+        seen = []
+
+        def chunk(subbuf, chunk_offset, status, error):
+            seen.append((chunk_offset, len(subbuf), status))
+            return 0
+
+        buf = handle.pread_structured(length, offset, chunk, flags)
+        return seen, buf
+
+    handle.pread(4096, 0)  # reads the L2 table into the cache: holes are known without I/O
+    assert chunks_of(0, MIB) == ([(0, MIB, nbd.READ_HOLE)], bytes(MIB))
+    assert chunks_of(2 * MIB, MIB, nbd.CMD_FLAG_DF) == ([(2 * MIB, MIB, nbd.READ_HOLE)], bytes(MIB))
+    seen, data = chunks_of(MIB - 4096, 8192)
+    assert seen == [(MIB - 4096, 8192, nbd.READ_DATA)]
+    assert data == bytes(4096) + b"\x07" * 4096
+    handle.shutdown()
+
+
 def test_backing_chain_three_deep(tmp_path, start_server):
     """raw base <- qcow2 (written by qemu-io) <- qcow2 made by nbdserve create; reads fall through,
     partial-cluster writes copy the rest of the cluster from below, and the bases stay unchanged."""

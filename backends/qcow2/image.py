@@ -383,8 +383,8 @@ class Qcow2Image:
                 return False
             tables.append(table)
         whole = not (offset | end) & (self.cluster_size - 1)
-        if not whole and not (self._reads_zero_cached(first << cb, offset)
-                              and self._reads_zero_cached(end, (last + 1) << cb)):
+        if not whole and not (self.known_zero(first << cb, offset - (first << cb))
+                              and self.known_zero(end, ((last + 1) << cb) - end)):
             return False
         count = last - first + 1
         allocated = self.refcounts.try_allocate(count)
@@ -409,13 +409,23 @@ class Qcow2Image:
         self.refcounts.release(start, count)
         return False
 
-    def _reads_zero_cached(self, lo: int, hi: int) -> bool:
-        """[lo, hi) of one cluster whose table is cached reads as zeroes."""
-        if lo >= hi:
-            return True
-        word, bitmap = self._cached_entry(lo >> self.cluster_bits)
-        kind = self._unit(word, bitmap, lo >> self.unit_bits)[0]
-        return kind == ZERO or kind == UNALLOCATED and (self.backing is None or lo >= self.backing.get_size())
+    def known_zero(self, offset: int, length: int) -> bool:
+        """Whether the range reads as zeroes, known from cached tables alone: zero clusters, and
+        unallocated ones with no backing data under them."""
+        pos, end = offset, offset + length
+        while pos < end:
+            entry = self._cached_entry(pos >> self.cluster_bits)
+            if entry is None:
+                return False
+            try:
+                kind, _, count = self._map_cached(pos, end, *entry)
+            except OSError:
+                return False  # a read reports it
+            if not (kind == ZERO or kind == UNALLOCATED
+                    and (self.backing is None or pos >= self.backing.get_size())):
+                return False
+            pos += count
+        return True
 
     def _io_done(self) -> None:
         self._active -= 1

@@ -32,6 +32,7 @@ from ..protocol.transmission import (
     block_status_chunk,
     error_chunk,
     none_chunk,
+    offset_hole_chunk,
     pack_offset_data_header,
     pack_simple_reply,
     simple_reply,
@@ -280,16 +281,9 @@ class Connection:
         except RequestError:
             return None  # the task path replies with the error
         if command == _READ:
-            if not request.length or not (export.reads_inline or export.starts_reads):
-                return None  # spare the reply buffer a backend never fills
-            reply, data, pooled = self._reply_buffer(self._read_header, request.length)
-            if not export.try_read(data, request.offset):
-                if self._start(request, export.start_read, (data, request.offset), reply, pooled):
-                    return _STARTED
-                self._release_reply(pooled)
-                return None
-            # A pooled buffer served inline is not given back: the batch holds it until sent.
-            self._pack_read_header(reply, request)
+            reply = self._read_inline(request)
+            if reply is None or reply is _STARTED:
+                return reply
             self.counters.bytes_read += request.length
         elif command == _WRITE:
             fua = bool(request.flags & _FUA)
@@ -303,6 +297,26 @@ class Connection:
             return _STARTED if self._start(request, export.start_flush, ()) else None
         self.counters.record(command, time.perf_counter_ns() - start)
         return reply
+
+    def _read_inline(self, request: Request):
+        """_serve_inline for a READ (checked): a hole known without I/O, a page-cache hit, or
+        a read started for a completion to reply to."""
+        export, offset, length = self.export, request.offset, request.length
+        if not length:
+            return None
+        if self.structured and export.known_zero(offset, length):
+            return offset_hole_chunk(request.cookie, offset, length, done=True)
+        if not (export.reads_inline or export.starts_reads):
+            return None  # spare the reply buffer a backend never fills
+        reply, data, pooled = self._reply_buffer(self._read_header, length)
+        if export.try_read(data, offset):
+            # A pooled buffer served inline is not given back: the batch holds it until sent.
+            self._pack_read_header(reply, request)
+            return reply
+        if self._start(request, export.start_read, (data, offset), reply, pooled):
+            return _STARTED
+        self._release_reply(pooled)
+        return None
 
     def _start(self, request: Request, start, args: tuple, reply: memoryview | None = None,
                pooled: mmap.mmap | None = None) -> bool:
