@@ -2,6 +2,7 @@
 dropped connections, ignored ranges, changed images, shared fetches, readahead and the cache."""
 
 import errno
+import gc
 import logging
 import os
 import random
@@ -101,6 +102,58 @@ async def test_random_reads_waiting_together_go_out_in_one_request(tmp_path, fau
             nursery.start_soon(reader)
     # 128 reads by 16 readers, one request at a time: those that wait meanwhile are batched.
     assert len(server.range_gets()) - before <= 32
+    await backend.close()
+
+
+async def start_reads(backend, offsets: list[int], length: int) -> list[bytes]:
+    """Start reads the way a connection does (no task each), all in one burst; their data."""
+    buffers = [bytearray(length) for _ in offsets]
+    outcomes = []
+    all_done = trio.Event()
+
+    def done(error):
+        outcomes.append(error)
+        if len(outcomes) == len(offsets):
+            all_done.set()
+
+    for offset, buf in zip(offsets, buffers):
+        assert not backend.try_pread(memoryview(buf), offset)
+        assert backend.start_pread(memoryview(buf), offset, done)
+    await all_done.wait()
+    assert outcomes == [None] * len(offsets)
+    return [bytes(buf) for buf in buffers]
+
+
+async def test_reads_started_in_one_burst_go_out_in_one_request(tmp_path, faulty_server, image):
+    server = faulty_server(image)
+    backend = await open_backend(tmp_path, server.url(), **{"cache-size": 0})
+    offsets = [block * BLOCK + 100 for block in range(1, 64, 4)]  # 16 blocks, none adjacent
+    before = len(server.range_gets())
+    data = await start_reads(backend, offsets, 4096)
+    assert data == [image[offset : offset + 4096] for offset in offsets]
+    # The fetch takes its batch when its task begins: by then the whole burst has queued.
+    assert server.range_gets()[before:] == [
+        "bytes=" + ",".join(f"{block * BLOCK}-{(block + 1) * BLOCK - 1}" for block in range(1, 64, 4))
+    ]
+    await backend.close()
+
+
+async def test_finished_reads_leave_no_reference_cycles(tmp_path, faulty_server, image):
+    # A cycle would keep fetched data alive until the garbage collector happens to run: on a
+    # whole-image copy that held hundreds of MiB.
+    server = faulty_server(image)
+    backend = await open_backend(tmp_path, server.url(), **{"cache-size": 0})
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await start_reads(backend, [BLOCK * 3, BLOCK * 3 + 10, BLOCK * 7], 100)
+        await read(backend, BLOCK * 9, 100)
+        gc.collect()
+        cyclic = [type(item).__name__ for item in gc.garbage if type(item).__module__ == "backends.http.loader"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert cyclic == []
     await backend.close()
 
 

@@ -1,10 +1,11 @@
 """The http backend: a read-only image behind a URL, served from a block cache.
 
 Reads whose blocks are all cached are served inline on the event loop (a thread hop costs more
-than copying a few blocks); the rest wait for the fetches that bring their blocks.
+than copying a few blocks); the rest wait for the fetches that bring their blocks, without a task
+of their own (`start_pread`): the fetch's completion replies to them.
 """
 
-from nbdserve.backend import Capabilities
+from nbdserve.backend import Capabilities, Done
 
 from .cache import BlockCache
 from .config import BLOCK_SIZE, HttpConfig
@@ -41,6 +42,20 @@ class HttpBackend:
             return False
         self.loader.after_read(offset, len(buf))
         _copy(blocks, first * BLOCK_SIZE, buf, offset)
+        return True
+
+    def start_pread(self, buf: memoryview, offset: int, done: Done) -> bool:
+        if self.remote.changed or not len(buf):
+            return False  # pread reports it
+        first, last = self._blocks_of(offset, len(buf))
+        self.loader.after_read(offset, len(buf))
+
+        def arrived(blocks: list[memoryview] | None, error: OSError | None) -> None:
+            if error is None:
+                _copy(blocks, first * BLOCK_SIZE, buf, offset)
+            done(error)
+
+        self.loader.start(first, last, arrived)
         return True
 
     async def pread(self, buf: memoryview, offset: int) -> None:

@@ -1,18 +1,21 @@
 """Getting blocks into the cache: shared fetches, batching, and readahead in the background.
 
 A block that is missing gets one `Pending` entry, whoever asks for it, so concurrent reads of the
-same block share one fetch, and waiting is only ever on the fetch that brings a needed block. At
-most `pool_size` fetches run at once, each in a worker thread. A read whose blocks are queued
-fetches them itself if a slot is free, together with whatever else is queued: adjacent blocks merge
-into one range, others ride along as extra ranges of the same request when the server allows it.
-With every slot busy it just waits: each fetch, as it ends, starts the next one for what has
-queued meanwhile (in a task of its own, so its reader is not held up). Readahead queues behind
-reads and uses slots reads leave free.
+same block share one fetch, and waiting is only ever on the fetch that brings a needed block. A
+read waits through a callback, not a task: `start` calls it on the event loop once the blocks are
+in. At most `pool_size` fetches run at once, each in a task of its own and a worker thread. A
+fetch takes its batch when its task begins, not when it is spawned, so reads that arrive in the
+same burst ride along: adjacent blocks merge into one range, others become extra ranges of the
+same request when the server allows it. Python spends far more CPU per request than per range,
+so few large requests beat many small ones. With every slot busy, reads just queue: each fetch,
+as it ends, starts the next one for what queued meanwhile. Readahead queues behind reads and
+uses slots reads leave free.
 """
 
 import logging
-from itertools import chain
+from collections.abc import Callable
 
+import outcome
 import trio
 
 from .cache import BlockCache
@@ -24,15 +27,48 @@ log = logging.getLogger(__name__)
 MAX_FETCH = 4 * 1024 * 1024  # bytes per request: large enough to amortise its overhead
 
 
-class Pending:
-    """A block on its way: the fetch that brings it sets `done`, then `data` or `error`."""
+# Called on the event loop once a read's blocks are in: the blocks, or the error that stopped them.
+Arrived = Callable[[list[memoryview] | None, OSError | None], None]
 
-    __slots__ = ("done", "data", "error")
+
+class Pending:
+    """A block on its way: the fetch that brings it sets `data` or `error`, then calls `waiters`."""
+
+    __slots__ = ("waiters", "data", "error")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.waiters: list[Callable[[], None]] = []
         self.data: memoryview | None = None
         self.error: OSError | None = None
+
+
+class _Gather:
+    """One read's blocks, some cached, some pending: calls `arrived` once all are in."""
+
+    __slots__ = ("items", "missing", "arrived")
+
+    def __init__(self, items: list, arrived: Arrived) -> None:
+        self.items = items  # memoryview or Pending per block
+        self.arrived = arrived
+        self.missing = 0
+        for item in items:
+            if isinstance(item, Pending):
+                self.missing += 1
+                item.waiters.append(self.one_in)
+
+    def one_in(self) -> None:
+        self.missing -= 1
+        if self.missing:
+            return
+        blocks = []
+        for item in self.items:
+            if isinstance(item, Pending):
+                if item.error is not None:
+                    self.arrived(None, item.error)
+                    return
+                item = item.data
+            blocks.append(item)
+        self.arrived(blocks, None)
 
 
 class BlockLoader:
@@ -47,8 +83,7 @@ class BlockLoader:
         # Pending blocks no fetch has taken yet, oldest first: for reads, and for readahead.
         self._queue: dict[int, None] = {}
         self._ahead: dict[int, None] = {}
-        self._fetching = 0  # fetches in flight
-        self._threads = trio.CapacityLimiter(pool_size)
+        self._fetching = 0  # fetches in flight, or spawned and about to take their batch
         self._max_blocks = max(1, MAX_FETCH // block_size)
         self._detector = SequentialDetector(readahead // block_size, block_size)
         self.closed = False
@@ -63,10 +98,10 @@ class BlockLoader:
             blocks.append(data)
         return blocks
 
-    async def load(self, first: int, last: int) -> list[memoryview]:
-        """Blocks first..last, fetching what is not cached."""
-        found: list[memoryview | Pending] = []
-        wanted = []
+    def start(self, first: int, last: int, arrived: Arrived) -> None:
+        """Get blocks first..last, fetching what is not cached; `arrived` gets them (it may run
+        before this returns)."""
+        items: list[memoryview | Pending] = []
         for index in range(first, last + 1):
             data = self.cache.get(index)
             if data is None:
@@ -77,25 +112,37 @@ class BlockLoader:
                 elif index in self._ahead:  # readahead not started yet: a read needs it now
                     del self._ahead[index]
                     self._queue[index] = None
-                if index in self._queue:
-                    wanted.append(index)
-            found.append(data)
-        if wanted and self._fetching < self.pool_size:
-            self._fetching += 1
-            try:
-                await self._fetch(self._take_batch(wanted))
-            finally:
-                self._fetching -= 1
-                self._start_fetches()
-        blocks = []
-        for item in found:
-            if isinstance(item, Pending):
-                await item.done.wait()
-                if item.error is not None:
-                    raise item.error
-                item = item.data
-            blocks.append(item)
-        return blocks
+            items.append(data)
+        gather = _Gather(items, arrived)
+        if not gather.missing:
+            gather.one_in() if items else arrived([], None)
+            return
+        self._start_fetches()
+
+    async def load(self, first: int, last: int) -> list[memoryview]:
+        """Blocks first..last, fetching what is not cached."""
+        task = trio.lowlevel.current_task()
+        waiting = False
+        at_once: outcome.Outcome | None = None
+
+        def arrived(blocks: list[memoryview] | None, error: OSError | None) -> None:
+            nonlocal at_once
+            result = outcome.Value(blocks) if error is None else outcome.Error(error)
+            if waiting:
+                trio.lowlevel.reschedule(task, result)
+            else:
+                at_once = result
+
+        def abort(_raise_cancel) -> trio.lowlevel.Abort:
+            nonlocal waiting
+            waiting = False  # the fetch goes on for the other reads of these blocks
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        self.start(first, last, arrived)
+        if at_once is None:
+            waiting = True
+            return await trio.lowlevel.wait_task_rescheduled(abort)
+        return at_once.unwrap()
 
     def after_read(self, offset: int, length: int) -> None:
         """Queue reading ahead of a sequential stream."""
@@ -110,34 +157,33 @@ class BlockLoader:
         self._start_fetches()
 
     def _start_fetches(self) -> None:
-        """Fetch what is queued, in tasks of their own, while slots are free."""
-        while self._fetching < self.pool_size and (self._queue or self._ahead) and not self.closed:
+        """Start fetches, in tasks of their own, while slots are free and blocks queue."""
+        queued = len(self._queue) + len(self._ahead)
+        starting = 0
+        while self._fetching < self.pool_size and starting < queued and not self.closed:
             self._fetching += 1
-            trio.lowlevel.spawn_system_task(self._fetch_in_background, self._take_batch([]),
-                                            name="http fetch")
+            starting += 1
+            trio.lowlevel.spawn_system_task(self._fetch_in_background, name="http fetch")
 
-    async def _fetch_in_background(self, batch: list[int]) -> None:
+    async def _fetch_in_background(self) -> None:
         try:
-            await self._fetch(batch)
+            if self._queue or self._ahead:  # another fetch may have taken it all meanwhile
+                await self._fetch(self._take_batch())
         except Exception:  # a bug: must not take the server down from a system task
             log.exception("http source %s: fetch failed", self.remote.name)
         finally:
             self._fetching -= 1
             self._start_fetches()
 
-    def _take_batch(self, wanted: list[int]) -> list[int]:
-        """Queued blocks for one request: the caller's first, then the oldest others; readahead
-        (one run) only when no read waits."""
+    def _take_batch(self) -> list[int]:
+        """Queued blocks for one request, oldest first; readahead (one run) only when no read
+        waits."""
         if not self._queue:
             return self._queued_run(self._ahead, next(iter(self._ahead)), self._max_blocks)
         batch: list[int] = []
         runs = 0
-        for index in chain(wanted, list(self._queue)):
-            if index not in self._queue:
-                continue
-            if runs == self.remote.max_ranges or len(batch) == self._max_blocks:
-                break
-            batch.extend(self._queued_run(self._queue, index, self._max_blocks - len(batch)))
+        while self._queue and runs < self.remote.max_ranges and len(batch) < self._max_blocks:
+            batch.extend(self._queued_run(self._queue, next(iter(self._queue)), self._max_blocks - len(batch)))
             runs += 1
         return batch
 
@@ -156,16 +202,11 @@ class BlockLoader:
 
     async def _fetch(self, batch: list[int]) -> None:
         try:
-            runs = await trio.to_thread.run_sync(self._fetch_runs, batch, limiter=self._threads)
+            runs = await trio.to_thread.run_sync(self._fetch_runs, batch)
         except OSError as exc:
             for index in batch:
                 self._settle(index, None, exc)
             return
-        except BaseException:
-            # Cancelled before the request went out: other reads may be waiting for these blocks.
-            for index in batch:
-                self._queue[index] = None
-            raise
         for first, data in runs:
             self.cache.put(first, data)
             view = memoryview(data)
@@ -175,7 +216,9 @@ class BlockLoader:
     def _settle(self, index: int, data: memoryview | None, error: OSError | None) -> None:
         pending = self._pending.pop(index)
         pending.data, pending.error = data, error
-        pending.done.set()
+        waiters, pending.waiters = pending.waiters, []  # waiters refer back: break the cycle
+        for waiter in waiters:
+            waiter()
 
     def _fetch_runs(self, batch: list[int]) -> list[tuple[int, bytes]]:
         """In a worker thread: one request for the batch; (first block, bytes) per run of blocks."""
