@@ -100,6 +100,11 @@ class Connection:
         elif not isinstance(exc, ConnectionClosed):
             log.info("%s: connection lost: %s", self.peer, exc)
 
+    def _send_failed(self, cause: Exception) -> None:
+        """The client is gone: read no more; the other in-flight requests finish quietly."""
+        log.info("%s: connection lost: send failed: %s", self.peer, cause)
+        self.stop_reading()
+
     def _reading(self) -> trio.CancelScope:
         self._reader_scope = trio.CancelScope()
         if self._stopping:
@@ -204,7 +209,7 @@ class Connection:
             allocate=self._pooled_payload if self._direct_buffers else None,
         )
         self._slots = slots = trio.Semaphore(self.limits.max_in_flight)
-        self._sender = sender = ReplySender(self.stream, on_broken=self.stop_reading)
+        self._sender = sender = ReplySender(self.stream, on_broken=self._send_failed)
         try:
             # serving(): when the export goes away (its LV removed), stop_reading() ends us cleanly.
             async with self.catalog.serving(export, self.stop_reading), trio.open_nursery() as writer:
@@ -481,7 +486,7 @@ class Connection:
         try:
             await self._sender.send(data)
         except trio.BrokenResourceError:
-            pass  # the client is gone: the sender stopped reading; the rest finish quietly
+            pass  # the client is gone: the sender said so (_send_failed)
 
 
 def _name(request: Request) -> str:

@@ -29,7 +29,8 @@ def _ignore(_sent: bool) -> None:
 
 
 class ReplySender:
-    def __init__(self, stream: trio.abc.Stream, on_broken: Callable[[], None]) -> None:
+    def __init__(self, stream: trio.abc.Stream, on_broken: Callable[[Exception], None]) -> None:
+        """`on_broken(cause)` is called once, when a send fails: the client is gone."""
         self._stream = stream
         # Plain sockets are written directly; anything else only through stream.send_all.
         self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else None
@@ -90,8 +91,8 @@ class ReplySender:
                 view, on_sent = self._queue[0]
                 try:
                     await self._write(view)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._break()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._break(exc)
                     return
                 self._queue.popleft()
                 on_sent(True)
@@ -105,7 +106,7 @@ class ReplySender:
         while len(view):
             view = self._write_now(view)
             if self._broken:
-                raise trio.BrokenResourceError
+                raise trio.BrokenResourceError("send failed")  # _write_now reported why
             if len(view):
                 await trio.lowlevel.wait_writable(self._fd)
 
@@ -116,15 +117,15 @@ class ReplySender:
                 view = view[os.write(self._fd, view):]
             except BlockingIOError:
                 break
-            except OSError:
-                self._break()
+            except OSError as exc:
+                self._break(exc)
                 break
         return view
 
-    def _break(self) -> None:
+    def _break(self, cause: Exception) -> None:
         if not self._broken:
             self._broken = True
-            self._on_broken()
+            self._on_broken(cause)
             self._wakeup.set()
 
     def _fail_queued(self) -> None:
