@@ -122,6 +122,11 @@ class Backend(Protocol):
 
     async def cache(self, offset: int, length: int) -> None: ...
 
+    async def allocation_depths(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Optional, for layered formats (qemu:allocation-depth): consecutive (length, depth)
+        from `offset`, depth 0 where no layer has data, 1 for this image, 2 for its backing
+        file, and so on. Without it, everything is at depth 1."""
+
     # Optional fast paths, plain functions called on the event loop: do the whole request
     # without blocking and return True, or return False having changed nothing the async
     # method would not redo. A backend without them always gets the async methods.

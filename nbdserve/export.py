@@ -7,6 +7,8 @@ CACHE as a read. Backend errors become NBD errors through one errno table.
 
 import errno
 import logging
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,8 @@ import trio
 from .access import ExportAccess
 from .backend import Backend, CacheMode, Done, Extent, OpenOptions
 from .protocol.constants import (
+    ALLOCATION_DEPTH,
+    BASE_ALLOCATION,
     Command,
     CommandFlag,
     Error,
@@ -113,6 +117,7 @@ class Export:
         self.reads_inline = self._try_pread is not None  # else a read always needs a task
         self._try_pwrite = getattr(backend, "try_pwrite", None)
         self._known_zero = getattr(backend, "known_zero", None)
+        self._allocation_depths = getattr(backend, "allocation_depths", None)
         self._start_pread = getattr(backend, "start_pread", None)
         self._start_pwrite = getattr(backend, "start_pwrite", None)
         self._start_flush = getattr(backend, "start_flush", None)
@@ -267,33 +272,69 @@ class Export:
             await self.backend.pread(scratch[:count], offset)
             offset += count
 
-    async def block_status(self, offset: int, length: int, *, req_one: bool) -> list[tuple[int, int]]:
-        """base:allocation descriptors: consecutive (length, flags) from `offset`."""
+    async def block_status(self, offset: int, length: int, *, req_one: bool,
+                           context: str = BASE_ALLOCATION) -> list[tuple[int, int]]:
+        """Descriptors of a metadata context: consecutive (length, value) from `offset`; the
+        value is base:allocation's flags, or qemu:allocation-depth's layer."""
         if not length:
             length = 1 if offset < self.size else 0
         if not length:
             raise RequestError(Error.EINVAL, "block status at the end of the export")
+        depths = context == ALLOCATION_DEPTH
         descriptors = _Descriptors(offset, length, limit=1 if req_one else _MAX_DESCRIPTORS)
-        if not self.capabilities.can_extents:
-            descriptors.add([Extent(length)], length)
         # Window by window, with a checkpoint between: a request costs what its reply holds,
         # not what its length spans (4 GiB of a fragmented image is a million extents).
         while descriptors.covered < length and not descriptors.full:
             start = descriptors.covered
             window = min(_BLOCK_STATUS_WINDOW, length - start)
-            descriptors.add(await self.backend.extents(offset + start, window), start + window)
+            pieces = await (self._depths if depths else self._allocation)(offset + start, window)
+            descriptors.add(pieces, start + window)
             if descriptors.covered == start:
                 break  # the backend reported nothing more
             await trio.lowlevel.checkpoint()
-        return descriptors.result(self.min_block, self.size)
+        return descriptors.result(self.min_block, self.size, _DEPTHS if depths else _FLAGS)
+
+    async def _allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if not self.capabilities.can_extents:
+            return [(length, 0)]
+        return [(extent.length, allocation_flags(extent)) for extent in await self.backend.extents(offset, length)]
+
+    async def _depths(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if self._allocation_depths is None:
+            return [(length, 1)]  # a backend without layers: all of it is its own
+        return await self._allocation_depths(offset, length)
 
     async def close(self) -> None:
         await self.backend.close()
 
 
+def allocation_flags(extent: Extent) -> int:
+    """An extent's base:allocation flags."""
+    return (StateFlag.HOLE if extent.hole else 0) | (StateFlag.ZERO if extent.zero else 0)
+
+
+@dataclass(frozen=True)
+class _Values:
+    """How a context's values merge where block alignment joins them."""
+
+    combine: Callable[[int, int], int]  # the value of a block that straddles two
+    unknown: int  # the value that claims nothing: for a block nothing was reported about
+
+
+def _shallower(depth: int, other: int) -> int:
+    # The shallower layer that has data, so a client copying what a layer holds skips nothing.
+    return min(depth, other) if depth and other else depth or other
+
+
+# base:allocation: what both sides share (a hole only if all of it is a hole); else data.
+_FLAGS = _Values(operator.and_, 0)
+# qemu:allocation-depth: else this image, where reading gets the right bytes whatever the layer.
+_DEPTHS = _Values(_shallower, 1)
+
+
 class _Descriptors:
-    """base:allocation (length, flags) pairs for a request, fed extents window by window:
-    clipped to the request, equal flags merged, at most `limit` pairs."""
+    """(length, value) pairs of a metadata context for a request, fed window by window:
+    clipped to the request, equal values merged, at most `limit` pairs."""
 
     def __init__(self, offset: int, length: int, limit: int) -> None:
         self.offset = offset
@@ -303,64 +344,64 @@ class _Descriptors:
         self.covered = 0  # bytes from `offset` described so far
         self.full = False
 
-    def add(self, extents: list[Extent], until: int) -> None:
-        for extent in extents:
-            if self.covered >= until or extent.length <= 0:
+    def add(self, pieces: list[tuple[int, int]], until: int) -> None:
+        for length, value in pieces:
+            if self.covered >= until or length <= 0:
                 return
-            flags = (StateFlag.HOLE if extent.hole else 0) | (StateFlag.ZERO if extent.zero else 0)
-            size = min(extent.length, until - self.covered)
-            if self.pairs and self.pairs[-1][1] == flags:
+            size = min(length, until - self.covered)
+            if self.pairs and self.pairs[-1][1] == value:
                 self.pairs[-1][0] += size
             elif len(self.pairs) == self.limit:
                 self.full = True
                 return
             else:
-                self.pairs.append([size, int(flags)])
+                self.pairs.append([size, int(value)])
             self.covered += size
 
-    def result(self, min_block: int, export_size: int) -> list[tuple[int, int]]:
+    def result(self, min_block: int, export_size: int, values: "_Values") -> list[tuple[int, int]]:
         if not self.pairs:
             raise RequestError(Error.EIO, "the backend reported no extents")
         pairs = self.pairs
         if min_block > 1:
-            pairs = _align(pairs, self.offset, self.offset + self.length, min_block, export_size)
+            pairs = _align(pairs, self.offset, self.offset + self.length, min_block, export_size, values)
         # A descriptor is 32 bits long: round down (never up, nbdkit's CVE-2025-47712), and
         # the client asks again for the rest.
         cap = 0xFFFFFFFF // min_block * min_block
         result = []
-        for size, flags in pairs:
-            result.append((min(size, cap), flags))
+        for size, value in pairs:
+            result.append((min(size, cap), value))
             if size > cap:
                 break
         return result
 
 
-def _align(pairs: list[list[int]], offset: int, request_end: int, block: int, export_size: int):
+def _align(pairs: list[list[int]], offset: int, request_end: int, block: int, export_size: int,
+           values: _Values) -> list[list[int]]:
     """Move descriptor boundaries inside the request down to block boundaries; a block that
-    straddles one gets the flags both sides share (a hole only if all of it is a hole)."""
-    aligned: list[list[int]] = []  # [start, end, flags], absolute
+    straddles one gets both values combined."""
+    aligned: list[list[int]] = []  # [start, end, value], absolute
     start = offset
-    for size, flags in pairs:
+    for size, value in pairs:
         end = start + size
         if aligned and aligned[-1][1] % block:
             previous = aligned[-1]
             cut = previous[1] - previous[1] % block
-            flags &= previous[2]
+            value = values.combine(value, previous[2])
             previous[1] = start = max(cut, previous[0])
             if previous[1] == previous[0]:
                 aligned.pop()
-        if aligned and aligned[-1][2] == flags:
+        if aligned and aligned[-1][2] == value:
             aligned[-1][1] = end
         else:
-            aligned.append([start, end, flags])
+            aligned.append([start, end, value])
         start = end
     last = aligned[-1]
     if last[1] % block and last[1] not in (request_end, export_size):
         last[1] -= last[1] % block  # cut short: an unaligned tail is the next request's start
     if last[1] <= last[0] and len(aligned) > 1:
         aligned.pop()
-    return [[end - begin, flags] for begin, end, flags in aligned if end > begin] or [
-        [sum(size for size, _ in pairs), 0]
+    return [[end - begin, value] for begin, end, value in aligned if end > begin] or [
+        [sum(size for size, _ in pairs), values.unknown]
     ]
 
 

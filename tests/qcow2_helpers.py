@@ -4,7 +4,11 @@ NBD client did to an export."""
 import json
 import os
 import random
+import subprocess
+import time
 from pathlib import Path
+
+import nbd
 
 from conftest import run
 
@@ -67,3 +71,44 @@ def merge_map(entries: list[dict]) -> list[tuple[int, int, bool, bool]]:
         else:
             merged.append([entry["start"], entry["length"], *status])
     return [tuple(item) for item in merged]
+
+
+def depth_map(uri: str) -> list[tuple[int, int, int]]:
+    """(start, length, depth) of qemu:allocation-depth over the whole export, equal neighbours
+    merged."""
+    handle = nbd.NBD()
+    handle.add_meta_context("qemu:allocation-depth")
+    handle.connect_uri(uri)
+    assert handle.can_meta_context("qemu:allocation-depth")
+    size, offset, merged = handle.get_size(), 0, []
+
+    def collect(context, start, entries, error):
+        if context == "qemu:allocation-depth":
+            got.extend(zip(entries[::2], entries[1::2]))
+        return 0
+
+    while offset < size:
+        got = []
+        handle.block_status(size - offset, offset, collect)
+        for length, depth in got:
+            if merged and merged[-1][2] == depth:
+                merged[-1][1] += length
+            else:
+                merged.append([offset, length, depth])
+            offset += length
+    handle.shutdown()
+    return [tuple(entry) for entry in merged]
+
+
+def qemu_nbd_depth_map(image: Path, image_format: str, tmp_path: Path) -> list[tuple[int, int, int]]:
+    """depth_map of `image` served by qemu-nbd -A, the oracle."""
+    socket = tmp_path / "qemu-nbd.sock"
+    qemu_nbd = subprocess.Popen(["qemu-nbd", "-r", "-A", "-f", image_format, "-k", str(socket), str(image)])
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return depth_map(f"nbd+unix:///?socket={socket}")
+    finally:
+        qemu_nbd.terminate()
+        qemu_nbd.wait()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdserve.backend import Extent
-from nbdserve.export import _Descriptors
+from nbdserve.export import _FLAGS, _Descriptors, allocation_flags
 from nbdserve.protocol.constants import StateFlag
 
 GiB = 1024**3
@@ -30,8 +30,8 @@ def test_descriptors_are_aligned_conservative_and_bounded(raw, offset, length, b
     length = min(length, total)
     export_size = offset + total
     descriptors = _Descriptors(offset, length, limit)
-    descriptors.add(extents, length)
-    result = descriptors.result(block, export_size)
+    descriptors.add([(extent.length, allocation_flags(extent)) for extent in extents], length)
+    result = descriptors.result(block, export_size, _FLAGS)
     assert result and len(result) <= limit
     assert all(0 < size <= LARGEST for size, _ in result)
     assert sum(size for size, _ in result) <= length

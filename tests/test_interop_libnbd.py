@@ -12,6 +12,7 @@ import nbd
 import pytest
 
 from image_facts import allocated_bytes, fill_ranges
+from qcow2_helpers import depth_map, qemu_nbd_depth_map
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
@@ -104,6 +105,11 @@ def test_block_status_reports_holes_as_hole_and_zero(serve, connect):
     assert extents(handle, SIZE, 0, nbd.CMD_FLAG_REQ_ONE) == [(MiB, 0)]
     assert extents(handle, 4096, 2 * MiB, nbd.CMD_FLAG_REQ_ONE) == [(4096, HOLE_ZERO)]
     assert extents(handle, SIZE - 6 * MiB, 6 * MiB, nbd.CMD_FLAG_REQ_ONE) == [(2 * MiB, HOLE_ZERO)]
+
+
+def test_allocation_depth_of_a_raw_file_is_one_everywhere(serve, image, tmp_path):
+    """A raw file is a single layer: holes included, all of it is its own (as qemu-nbd -A says)."""
+    assert depth_map(serve()) == [(0, SIZE, 1)] == qemu_nbd_depth_map(image, "raw", tmp_path)
 
 
 def test_write_zeroes_with_no_hole_and_fast_zero(serve, connect, image):

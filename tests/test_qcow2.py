@@ -10,8 +10,8 @@ import time
 import nbd
 import pytest
 
-from qcow2_helpers import (CREATE, NBDSERVE_BIN, assert_same_contents, check_image, file_map, nbd_map,
-                           qemu_img_create, random_bytes, write_raw)
+from qcow2_helpers import (CREATE, NBDSERVE_BIN, assert_same_contents, check_image, depth_map, file_map,
+                           nbd_map, qemu_img_create, qemu_nbd_depth_map, random_bytes, write_raw)
 from conftest import run
 
 MIB = 1024 * 1024
@@ -133,6 +133,33 @@ def test_backing_chain_three_deep(tmp_path, start_server):
     chain = json.loads(run([str(NBDSERVE_BIN), "info", "--output=json", str(top)]).stdout)
     assert [chain["format"]] + [b["format"] for b in chain["backing-chain"]] == ["qcow2", "qcow2", "raw"]
     assert chain["backing-filename-format"] == "qcow2"
+
+
+def test_allocation_depth_of_a_backing_chain_matches_qemu_nbd(tmp_path, start_server):
+    """qemu:allocation-depth over raw base (3 MiB) <- qcow2 <- qcow2 (4 MiB): 1 for the top
+    image's clusters, 2 and 3 below (past the short base, its layer's zeroes count as its own),
+    0 where no layer has anything; qemu-nbd -A is the oracle."""
+    base = write_raw(tmp_path / "base.raw", random_bytes(3 * MIB, 3))
+    middle = qemu_img_create(tmp_path / "middle.qcow2", 4 * MIB, backing=base, backing_format="raw")
+    run(["qemu-io", "-f", "qcow2", str(middle), "-c", "write -P 1 1M 64k", "-c", "write -z 2M 64k"])
+    top = qemu_img_create(tmp_path / "top.qcow2", 4 * MIB, backing=middle)
+    run(["qemu-io", "-f", "qcow2", str(top), "-c", "write -P 2 0 64k", "-c", "write -P 3 3584k 64k"])
+    server = serve(start_server, top)
+    ours = depth_map(server.uri())
+    assert ours == [(0, 65536, 1), (65536, MIB - 65536, 3), (MIB, 65536, 2), (MIB + 65536, MIB - 65536, 3),
+                    (2 * MIB, 65536, 2), (2 * MIB + 65536, 1536 * 1024 - 65536, 3),
+                    (3584 * 1024, 65536, 1), (3648 * 1024, 448 * 1024, 3)]
+    assert qemu_nbd_depth_map(top, "qcow2", tmp_path) == ours
+
+
+def test_allocation_depth_without_a_backing_file(tmp_path, start_server):
+    image = qemu_img_create(tmp_path / "disk.qcow2", 4 * MIB)
+    run(["qemu-io", "-f", "qcow2", str(image), "-c", "write -P 1 1M 64k", "-c", "write -z 2M 64k"])
+    server = serve(start_server, image)
+    ours = depth_map(server.uri())
+    assert ours == [(0, MIB, 0), (MIB, 65536, 1), (MIB + 65536, MIB - 65536, 0), (2 * MIB, 65536, 1),
+                    (2 * MIB + 65536, 2 * MIB - 65536, 0)]
+    assert qemu_nbd_depth_map(image, "qcow2", tmp_path) == ours
 
 
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])

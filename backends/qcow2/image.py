@@ -771,6 +771,30 @@ class Qcow2Image:
             pos += count
         return result
 
+    async def allocation_depths(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """qemu:allocation-depth: 1 where this image has the clusters (data or zero), the
+        backing chain's depth plus one where it does not, 0 where no layer has them."""
+        table_span = 1 << (self.l2_bits + self.cluster_bits)
+        end = min(offset + length, self.size, (offset // table_span + 1) * table_span)
+        result = []
+        pos = offset
+        while pos < end:
+            kind, _, count = await self._map(pos, end)
+            result.extend(await self._backing_depths(pos, count) if kind == UNALLOCATED else [(count, 1)])
+            pos += count
+        return result
+
+    async def _backing_depths(self, pos: int, count: int) -> list[tuple[int, int]]:
+        if self.backing is None:
+            return [(count, 0)]
+        inside = max(0, min(count, self.backing.get_size() - pos))
+        result = [(size, depth + 1 if depth else 0) for size, depth in await _depths_of(self.backing, pos, inside)]
+        if count > inside:
+            # Past a short backing file, its layer makes up the zeroes: they count as its own,
+            # as QEMU reports them.
+            result.append((count - inside, 2))
+        return result
+
     async def _host_extents(self, host: int, count: int) -> list[Extent]:
         """Allocated data, which reads as zeroes where the child has a hole (as QEMU reports it)."""
         inside = max(0, min(count, self.io.host_end - host))
@@ -870,18 +894,40 @@ class Qcow2Image:
 async def _extents_of(backend: Backend, offset: int, count: int) -> list[Extent]:
     """`backend`'s extents over exactly [offset, offset + count); what it does not report is data
     (a file child knows its size from when it was opened, and reports nothing past it)."""
+    async def fetch(at: int, length: int) -> list[tuple[int, tuple[bool, bool]]]:
+        extents = await backend.extents(at, length) if backend.capabilities.can_extents else []
+        return [(extent.length, (extent.hole, extent.zero)) for extent in extents]
+
+    pieces = await _exactly(fetch, offset, count, unreported=(False, False))
+    return [Extent(size, hole=hole, zero=zero) for size, (hole, zero) in pieces]
+
+
+async def _depths_of(backend: Backend, offset: int, count: int) -> list[tuple[int, int]]:
+    """`backend`'s allocation depths over exactly [offset, offset + count): a source without
+    layers (a raw file) has all of its bytes, and what a layer does not report is its own."""
+    depths = getattr(backend, "allocation_depths", None)
+
+    async def fetch(at: int, length: int) -> list[tuple[int, int]]:
+        return await depths(at, length) if depths else []
+
+    return await _exactly(fetch, offset, count, unreported=1)
+
+
+async def _exactly(fetch, offset: int, count: int, *, unreported) -> list[tuple[int, object]]:
+    """(length, value) pieces from `fetch(offset, length)` over exactly [offset, offset + count),
+    asking again where a call stopped short (a layer answers for one of its tables at a time);
+    `unreported` is the value of what a call reports nothing about."""
     result = []
     covered = 0
     while covered < count:
-        extents = await backend.extents(offset + covered, count - covered) if backend.capabilities.can_extents else []
         before = covered
-        for extent in extents:
-            size = min(extent.length, count - covered)
+        for size, value in await fetch(offset + covered, count - covered):
+            size = min(size, count - covered)
             if size <= 0:
                 break
-            result.append(Extent(size, hole=extent.hole, zero=extent.zero))
+            result.append((size, value))
             covered += size
         if covered == before:
-            result.append(Extent(count - covered))
+            result.append((count - covered, unreported))
             break
     return result

@@ -139,3 +139,6 @@ class StateFlag(IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+# QEMU's context: in which layer of a backing chain each extent lives (0: none; 1: the image
+# itself; 2: its backing file; ...).
+ALLOCATION_DEPTH = "qemu:allocation-depth"

@@ -195,8 +195,8 @@ class Connection:
             return
         self.export_name = export.name
         self.structured = handshake.structured_replies
-        self.context_ids = list(handshake.selected_contexts(negotiator.export_name))
-        self.has_contexts = bool(self.context_ids)
+        self.contexts = handshake.selected_contexts(negotiator.export_name)  # id -> name
+        self.has_contexts = bool(self.contexts)
         self._direct_buffers = export.min_block > 1
         self._read_header = OFFSET_DATA_HEADER_SIZE if self.structured else SIMPLE_REPLY_SIZE
         if type(self.stream) is trio.SocketStream:  # not TLS, not wrapped for idle timeouts
@@ -421,12 +421,14 @@ class Connection:
         elif command == Command.CACHE:
             await export.cache(offset, length)
         elif command == Command.BLOCK_STATUS:
-            descriptors = await export.block_status(
-                offset, length, req_one=bool(request.flags & CommandFlag.REQ_ONE)
-            )
+            req_one = bool(request.flags & CommandFlag.REQ_ONE)
             chunks = [
-                block_status_chunk(request.cookie, context_id, descriptors, done=False)
-                for context_id in self.context_ids
+                block_status_chunk(
+                    request.cookie, context_id,
+                    await export.block_status(offset, length, req_one=req_one, context=name),
+                    done=False,
+                )
+                for context_id, name in self.contexts.items()
             ]
             await self._send(b"".join(chunks) + none_chunk(request.cookie))
             return

@@ -7,7 +7,7 @@ import struct
 from ..access import Client, Verdict
 from ..catalog import Catalog, ExportUnavailable
 from ..export import Export
-from ..protocol.constants import BASE_ALLOCATION, Info, Option, Reply
+from ..protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Info, Option, Reply
 from ..protocol.handshake import (
     AbortRequest,
     ExportNameRequest,
@@ -26,7 +26,7 @@ from .tls import TLSConfig, TLSMode
 log = logging.getLogger(__name__)
 
 # Metadata contexts this server offers, by id.
-CONTEXTS = {1: BASE_ALLOCATION}
+CONTEXTS = {1: BASE_ALLOCATION, 2: ALLOCATION_DEPTH}
 
 
 def matching_contexts(queries: tuple[str, ...], *, select: bool) -> list[tuple[int, str]]:
