@@ -200,6 +200,8 @@ class AioContext:
             return errno.ESHUTDOWN
         size = self._max_request
         starts = range(0, len(buf), size) if size and len(buf) > size else [0]
+        if len(starts) > DEPTH:
+            return errno.EAGAIN  # could never fit: a worker thread does it whole
         if len(self._pending) + len(starts) > DEPTH:
             return _NO_ROOM
         flags = rw_flags | (self._nowait if nowait else 0)

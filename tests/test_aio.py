@@ -223,6 +223,18 @@ def test_pieces_of_a_read_past_the_end_count_what_there_is(direct_file):
     assert in_trio(test, max_request=8192) == (12288, pattern[-12288:])
 
 
+def test_a_request_of_more_pieces_than_the_context_holds_asks_for_a_worker_thread(direct_file):
+    fd, _ = direct_file
+
+    async def test(aio):
+        with BufferPool().borrowed((aio_module.DEPTH + 1) * 4096) as buf:
+            with pytest.raises(WouldBlock):
+                await aio.read(fd, buf, 0)
+            return aio.start_read(fd, buf, 0, lambda result: None)
+
+    assert in_trio(test, max_request=4096) is False
+
+
 def test_started_requests_report_through_their_callback(direct_device):
     fd, pattern = direct_device
 
