@@ -84,6 +84,7 @@ class BlockLoader:
         self._queue: dict[int, None] = {}
         self._ahead: dict[int, None] = {}
         self._fetching = 0  # fetches in flight, or spawned and about to take their batch
+        self._fetch_starting = False  # a fetch is spawned but has not taken its batch yet
         self._max_blocks = max(1, MAX_FETCH // block_size)
         self._detector = SequentialDetector(readahead // block_size, block_size)
         self.closed = False
@@ -113,11 +114,10 @@ class BlockLoader:
                     del self._ahead[index]
                     self._queue[index] = None
             items.append(data)
-        gather = _Gather(items, arrived)
-        if not gather.missing:
-            gather.one_in() if items else arrived([], None)
-            return
-        self._start_fetches()
+        if _Gather(items, arrived).missing:
+            self._start_fetches()
+        else:
+            arrived(items, None)  # all cached
 
     async def load(self, first: int, last: int) -> list[memoryview]:
         """Blocks first..last, fetching what is not cached."""
@@ -157,18 +157,20 @@ class BlockLoader:
         self._start_fetches()
 
     def _start_fetches(self) -> None:
-        """Start fetches, in tasks of their own, while slots are free and blocks queue."""
-        queued = len(self._queue) + len(self._ahead)
-        starting = 0
-        while self._fetching < self.pool_size and starting < queued and not self.closed:
+        """Start a fetch, in a task of its own, if a slot is free and blocks queue. A fetch that
+        has not begun yet takes whatever queues meanwhile, so one such is enough."""
+        if (not self._fetch_starting and self._fetching < self.pool_size and (self._queue or self._ahead)
+                and not self.closed):
             self._fetching += 1
-            starting += 1
+            self._fetch_starting = True
             trio.lowlevel.spawn_system_task(self._fetch_in_background, name="http fetch")
 
     async def _fetch_in_background(self) -> None:
         try:
-            if self._queue or self._ahead:  # another fetch may have taken it all meanwhile
-                await self._fetch(self._take_batch())
+            self._fetch_starting = False
+            batch = self._take_batch()
+            self._start_fetches()  # for what did not fit in the batch
+            await self._fetch(batch)
         except Exception:  # a bug: must not take the server down from a system task
             log.exception("http source %s: fetch failed", self.remote.name)
         finally:

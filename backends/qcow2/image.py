@@ -323,15 +323,10 @@ class Qcow2Image:
         child_try = getattr(self.child, "try_pread", None)
         if child_try is None:
             return False
-        pos, end = offset, offset + len(buf)
-        while pos < end:
-            entry = self._cached_entry(pos >> self.cluster_bits)
-            if entry is None:
+        for run in self._cached_runs(offset, offset + len(buf)):
+            if run is None:
                 return False
-            try:
-                kind, host, length = self._map_cached(pos, end, *entry)
-            except OSError:
-                return False  # the async path reports it
+            pos, kind, host, length = run
             view = buf[pos - offset:pos - offset + length]
             if kind == DATA:
                 inside = max(0, min(length, self.io.host_end - host))
@@ -347,8 +342,22 @@ class Qcow2Image:
                 _fill_zeroes(view[inside:])
             else:
                 return False
-            pos += length
         return True
+
+    def _cached_runs(self, pos: int, end: int):
+        """(pos, kind, host, length) of each run in [pos, end) while the tables are cached; then
+        None if one is not, or its entry is corrupt (the async path reports that)."""
+        while pos < end:
+            entry = self._cached_entry(pos >> self.cluster_bits)
+            try:
+                run = None if entry is None else self._map_cached(pos, end, *entry)
+            except OSError:
+                run = None
+            if run is None:
+                yield None
+                return
+            yield (pos, *run)
+            pos += run[2]
 
     def try_pwrite(self, buf, offset: int) -> bool:
         """Serve a write on the event loop if it changes no metadata and the child can write inline."""
@@ -412,20 +421,11 @@ class Qcow2Image:
     def known_zero(self, offset: int, length: int) -> bool:
         """Whether the range reads as zeroes, known from cached tables alone: zero clusters, and
         unallocated ones with no backing data under them."""
-        pos, end = offset, offset + length
-        while pos < end:
-            entry = self._cached_entry(pos >> self.cluster_bits)
-            if entry is None:
-                return False
-            try:
-                kind, _, count = self._map_cached(pos, end, *entry)
-            except OSError:
-                return False  # a read reports it
-            if not (kind == ZERO or kind == UNALLOCATED
-                    and (self.backing is None or pos >= self.backing.get_size())):
-                return False
-            pos += count
-        return True
+        backing_end = self.backing.get_size() if self.backing is not None else 0
+        return all(
+            run is not None and (run[1] == ZERO or run[1] == UNALLOCATED and run[0] >= backing_end)
+            for run in self._cached_runs(offset, offset + length)
+        )
 
     def _io_done(self) -> None:
         self._active -= 1
