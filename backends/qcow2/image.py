@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from nbdserve.backend import Backend, BackendError, Capabilities, Extent, OpenOptions
+from nbdserve.backend import Backend, BackendError, Capabilities, Done, Extent, OpenOptions
 
 from . import header as hdr
 from .compression import decompress
@@ -873,6 +873,16 @@ class Qcow2Image:
             await self.refcounts.release_reserved()
             await self._commit()
         await self.child.flush()
+
+    def start_flush(self, done: Done) -> bool:
+        """With no metadata to commit a FLUSH is the child's: started without a task where the
+        child can (writes in place, as in a fully allocated image, change no metadata)."""
+        child_start = getattr(self.child, "start_flush", None)
+        if child_start is None or not self.writable or self._lock.locked():
+            return False
+        if not self.refcounts.settled() or self.l1.dirty or self.l2_cache.dirty():
+            return False
+        return child_start(done)
 
     async def close(self) -> None:
         try:

@@ -122,6 +122,10 @@ class Refcounts:
     def dirty(self) -> bool:
         return bool(self.cache.dirty())
 
+    def settled(self) -> bool:
+        """Nothing reserved, nothing to write and no decrement waiting: a FLUSH finds nothing."""
+        return not (self.reserved or self._incoming or self.pending or self.dirty())
+
     async def write_dirty(self) -> bool:
         wrote = False
         for block in self.cache.dirty():
