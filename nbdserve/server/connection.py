@@ -50,6 +50,8 @@ RECEIVE_SIZE = 256 * 1024
 # Replies served inline are sent together, up to this many or once one is this large.
 _BATCH_REPLIES = 64
 _BATCH_BYTES = 128 * 1024
+# Reply buffers this large come from the pool of page-aligned buffers, whatever the export.
+_POOLED_REPLY = 64 * 1024
 # Plain ints for the per-request fast path: enum arithmetic costs microseconds.
 _READ, _WRITE, _FLUSH = int(Command.READ), int(Command.WRITE), int(Command.FLUSH)
 _DISC = int(Command.DISC)
@@ -81,6 +83,7 @@ class Connection:
         self._socket_io: SocketIO | None = None  # the fast path, once transmission starts
         self._sender: ReplySender | None = None  # once transmission starts
         self._requests: trio.Nursery | None = None
+        self._batch_buffers: list[mmap.mmap] = []  # pooled buffers of the replies in a batch
         self._stopping = False
         self._reader_scope = trio.CancelScope()
 
@@ -315,8 +318,9 @@ class Connection:
             return None  # spare the reply buffer a backend never fills
         reply, data, pooled = self._reply_buffer(self._read_header, length)
         if export.try_read(data, offset):
-            # A pooled buffer served inline is not given back: the batch holds it until sent.
             self._pack_read_header(reply, request)
+            if pooled is not None:
+                self._batch_buffers.append(pooled)  # given back once the batch is sent
             return reply
         if self._start(request, export.start_read, (data, offset), reply, pooled):
             return _STARTED
@@ -376,10 +380,13 @@ class Connection:
         small = [reply for reply in batch if len(reply) < _BATCH_BYTES]
         large = [reply for reply in batch if len(reply) >= _BATCH_BYTES]
         batch.clear()
+        buffers, self._batch_buffers = self._batch_buffers, []
         if small:
             await self._send(b"".join(small) if len(small) > 1 else small[0])
         for reply in large:
             await self._send(reply)
+        for pooled in buffers:  # the kernel has the bytes (or the client is gone)
+            self._release_reply(pooled)
 
     async def _serve_request(self, request: Request, slots: trio.Semaphore) -> None:
         start = time.perf_counter_ns()
@@ -456,8 +463,10 @@ class Connection:
 
     def _reply_buffer(self, header: int, length: int) -> tuple[memoryview, memoryview, mmap.mmap | None]:
         """A reply: header then data, the data page-aligned where O_DIRECT needs it; and the
-        pooled buffer to give back with _release_reply() once the reply is sent (or None)."""
-        if not self._direct_buffers:
+        pooled buffer to give back with _release_reply() once the reply is sent (or None).
+        Large replies come from the pool whatever the export: a fresh large buffer is zeroed
+        and, past malloc's mmap threshold, faulted in page by page."""
+        if not self._direct_buffers and length < _POOLED_REPLY:
             reply = memoryview(bytearray(header + length))
             return reply, reply[header:], None
         page = mmap.PAGESIZE
