@@ -1,6 +1,12 @@
 """Parsing what servers send back for Range requests: Content-Range and multipart/byteranges."""
 
+import email.parser
+import http.client
+import io
+
 import pytest
+
+import backends.http.remote  # noqa: F401 (installs its reply header parse)
 
 from backends.http.ranges import (
     RangeReplyError,
@@ -75,3 +81,19 @@ def test_truncated_multipart_and_missing_ranges():
         split_multipart(body[: body.rindex(b"--B--")], b"B")
     with pytest.raises(RangeReplyError, match="lacks bytes 4-7"):
         pick_ranges([(0, memoryview(b"abcdef"))], [(4, 4)])
+
+
+def test_reply_headers_parse_as_http_client_would():
+    """The headers-only parse that the http source installs gives http.client's headers."""
+    block = (b"HTTP/1.1 206 Partial Content\r\nServer: nginx\r\n"
+             b"Content-Type: multipart/byteranges; boundary=00000000000000000001\r\n"
+             b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Folded: one\r\n two\r\n\r\n")
+    fp = io.BytesIO(block)
+    fp.readline()  # the status line, as HTTPResponse.begin reads it first
+    parsed = http.client.parse_headers(fp)
+    assert http.client.parse_headers.__module__ == "backends.http.replyheaders"
+    stock = email.parser.Parser(_class=http.client.HTTPMessage).parsestr(
+        block.split(b"\r\n", 1)[1].decode("iso-8859-1"))
+    assert parsed.items() == stock.items()
+    assert parsed.get_all("Set-Cookie") == ["a=1", "b=2"]
+    assert parsed.get_boundary() == "00000000000000000001"

@@ -31,8 +31,10 @@ from .ranges import (
     split_multipart,
     unsatisfied_range_size,
 )
+from .replyheaders import install_header_parsing
 
 log = logging.getLogger(__name__)
+install_header_parsing()
 # urllib3 logs every request line at debug level, query string (a signature, maybe) included.
 logging.getLogger("urllib3").setLevel(logging.WARNING)
 
