@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from nbdserve.backend import BackendError, Capabilities, CacheMode, Done, Extent, OpenOptions, WouldBlock
+from nbdserve.backend import BackendError, Capabilities, Done, Extent, OpenOptions, WouldBlock
 from nbdserve.buffers import direct_buffers
 from nbdserve.registry import ParseContext
 from nbdserve.settings import Section
