@@ -196,6 +196,21 @@ def test_an_allocated_payload_is_received_in_place():
     assert parser.next_event() is NEED_DATA
 
 
+def test_a_payload_of_the_first_megabyte_is_received_in_place_without_allocate():
+    parser = TransmissionParser(max_payload=4 * 1024 * 1024)
+    parser.receive_data(request(Command.WRITE, 0, 1024 * 1024, cookie=1, data=b"ab"))
+    assert parser.next_event() is NEED_DATA
+    space = parser.payload_space()
+    assert len(space) == 1024 * 1024 - 2
+    space[:] = b"c" * len(space)
+    parser.payload_received(len(space))
+    assert parser.next_event().data == b"ab" + b"c" * (1024 * 1024 - 2)
+    # Larger: its memory grows as bytes arrive, so they go through receive_data.
+    parser.receive_data(request(Command.WRITE, 0, 2 * 1024 * 1024, cookie=2, data=b"ab"))
+    assert parser.next_event() is NEED_DATA
+    assert parser.payload_space() is None
+
+
 def test_a_small_payload_that_arrives_whole_is_bytes_even_with_allocate():
     parser = TransmissionParser(max_payload=MAX_PAYLOAD, allocate=lambda length: 1 / 0)
     parser.receive_data(request(Command.WRITE, 0, 4, cookie=1, data=b"abcd"))

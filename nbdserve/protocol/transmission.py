@@ -54,7 +54,6 @@ class _Payload:
     def __init__(self, header: tuple, length: int, allocate: Allocate | None) -> None:
         self.header = header
         self.length = length
-        self.allocated = allocate is not None
         self.data = allocate(length) if allocate else bytearray(min(length, self.PREALLOCATE))
         self.filled = 0
 
@@ -101,11 +100,12 @@ class TransmissionParser:
 
     def payload_space(self) -> memoryview | None:
         """Where the next bytes from the client may be received in place, skipping a copy: the
-        rest of an allocated payload that is arriving, or None (use receive_data)."""
+        rest of a payload that is arriving into memory of its full length, or None (use
+        receive_data)."""
         payload = self._payload
-        if payload is None or not payload.allocated or len(self._buffer) or self._drain:
+        if payload is None or len(self._buffer) or self._drain or len(payload.data) < payload.length:
             return None
-        return payload.data[payload.filled :]
+        return memoryview(payload.data)[payload.filled :]
 
     def payload_received(self, count: int) -> None:
         """`count` bytes were written at the start of payload_space()."""
