@@ -755,33 +755,36 @@ class Qcow2Image:
 
     # Block status.
 
-    async def extents(self, offset: int, length: int) -> list[Extent]:
+    async def _table_runs(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """(pos, kind, host, count) of the runs from `offset`, up to the end of its L2 table's
+        span: what one block status call looks at."""
         table_span = 1 << (self.l2_bits + self.cluster_bits)
         end = min(offset + length, self.size, (offset // table_span + 1) * table_span)
-        result = []
+        runs = []
         pos = offset
         while pos < end:
             kind, host, count = await self._map(pos, end)
+            runs.append((pos, kind, host, count))
+            pos += count
+        return runs
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        result = []
+        for pos, kind, host, count in await self._table_runs(offset, length):
             if kind == UNALLOCATED:
                 result.extend(await self._backing_extents(pos, count))
             elif kind == DATA:
                 result.extend(await self._host_extents(host, count))
             else:
                 result.append(Extent(count, hole=kind == ZERO, zero=kind == ZERO))
-            pos += count
         return result
 
     async def allocation_depths(self, offset: int, length: int) -> list[tuple[int, int]]:
         """qemu:allocation-depth: 1 where this image has the clusters (data or zero), the
         backing chain's depth plus one where it does not, 0 where no layer has them."""
-        table_span = 1 << (self.l2_bits + self.cluster_bits)
-        end = min(offset + length, self.size, (offset // table_span + 1) * table_span)
         result = []
-        pos = offset
-        while pos < end:
-            kind, _, count = await self._map(pos, end)
+        for pos, kind, _, count in await self._table_runs(offset, length):
             result.extend(await self._backing_depths(pos, count) if kind == UNALLOCATED else [(count, 1)])
-            pos += count
         return result
 
     async def _backing_depths(self, pos: int, count: int) -> list[tuple[int, int]]:
