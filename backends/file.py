@@ -356,9 +356,8 @@ class FileBackend:
                 await aio.fdatasync(self.fd)
                 return
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if not self._no_aio_fsync(exc):
                     raise
-                self._aio_fsync = False  # a kernel without AIO fsync
         await trio.to_thread.run_sync(os.fdatasync, self.fd)
 
     def start_flush(self, done: Done) -> bool:
@@ -367,12 +366,19 @@ class FileBackend:
             return False
 
         def synced(result: int | Exception) -> None:
-            if isinstance(result, OSError) and result.errno == errno.EINVAL:
-                self._aio_fsync = False  # a kernel without AIO fsync: the async method copes
-                result = WouldBlock()
+            if self._no_aio_fsync(result):
+                result = WouldBlock()  # the async method syncs in a worker thread
             done(result if isinstance(result, Exception) else None)
 
         return aio.start_fdatasync(self.fd, synced)
+
+    def _no_aio_fsync(self, failure: object) -> bool:
+        """Whether an AIO fdatasync failed for want of kernel support (EINVAL before Linux
+        4.18); fdatasync then goes through worker threads from now on."""
+        if isinstance(failure, OSError) and failure.errno == errno.EINVAL:
+            self._aio_fsync = False
+            return True
+        return False
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await trio.to_thread.run_sync(self._trim, offset, length, fua)

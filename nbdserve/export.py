@@ -280,19 +280,18 @@ class Export:
             length = 1 if offset < self.size else 0
         if not length:
             raise RequestError(Error.EINVAL, "block status at the end of the export")
-        depths = context == ALLOCATION_DEPTH
+        source, values = (self._depths, _DEPTHS) if context == ALLOCATION_DEPTH else (self._allocation, _FLAGS)
         descriptors = _Descriptors(offset, length, limit=1 if req_one else _MAX_DESCRIPTORS)
         # Window by window, with a checkpoint between: a request costs what its reply holds,
         # not what its length spans (4 GiB of a fragmented image is a million extents).
         while descriptors.covered < length and not descriptors.full:
             start = descriptors.covered
             window = min(_BLOCK_STATUS_WINDOW, length - start)
-            pieces = await (self._depths if depths else self._allocation)(offset + start, window)
-            descriptors.add(pieces, start + window)
+            descriptors.add(await source(offset + start, window), start + window)
             if descriptors.covered == start:
                 break  # the backend reported nothing more
             await trio.lowlevel.checkpoint()
-        return descriptors.result(self.min_block, self.size, _DEPTHS if depths else _FLAGS)
+        return descriptors.result(self.min_block, self.size, values)
 
     async def _allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
         if not self.capabilities.can_extents:

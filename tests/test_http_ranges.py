@@ -6,8 +6,6 @@ import io
 
 import pytest
 
-import backends.http.remote  # noqa: F401 (installs its reply header parse)
-
 from backends.http.ranges import (
     RangeReplyError,
     multipart_boundary,
@@ -17,6 +15,7 @@ from backends.http.ranges import (
     split_multipart,
     unsatisfied_range_size,
 )
+from backends.http.replyheaders import install_header_parsing
 
 
 def test_range_header():
@@ -85,6 +84,7 @@ def test_truncated_multipart_and_missing_ranges():
 
 def test_reply_headers_parse_as_http_client_would():
     """The headers-only parse that the http source installs gives http.client's headers."""
+    install_header_parsing()
     block = (b"HTTP/1.1 206 Partial Content\r\nServer: nginx\r\n"
              b"Content-Type: multipart/byteranges; boundary=00000000000000000001\r\n"
              b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Folded: one\r\n two\r\n\r\n")

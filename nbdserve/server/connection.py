@@ -218,9 +218,8 @@ class Connection:
             async with self.catalog.serving(export, self.stop_reading), trio.open_nursery() as writer:
                 writer.start_soon(sender.run)
                 try:
-                    async with trio.open_nursery() as requests:
-                        self._requests = requests
-                        await self._read_requests(parser, slots, requests)
+                    async with trio.open_nursery() as self._requests:
+                        await self._read_requests(parser)
                         # Requests started without a task hold a slot until they reply; one
                         # may still need a task, so the nursery stays open until all are done.
                         for _ in range(self.limits.max_in_flight):
@@ -234,7 +233,7 @@ class Connection:
                 self.peer, export.name, c.requests, c.bytes_read, c.bytes_written, c.errors,
             )
 
-    async def _read_requests(self, parser: TransmissionParser, slots, requests) -> None:
+    async def _read_requests(self, parser: TransmissionParser) -> None:
         """Serve requests until DISC, EOF or a protocol error; never raises for those, so
         in-flight requests finish and get their replies.
 
@@ -267,8 +266,8 @@ class Connection:
                     if batch:
                         await self._send_batch(batch)
                     with trio.CancelScope(shield=True):
-                        await slots.acquire()
-                    requests.start_soon(self._serve_request, request, slots)
+                        await self._slots.acquire()
+                    self._requests.start_soon(self._serve_request, request, self._slots)
         except (ConnectionClosed, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._log_end(exc)
         finally:
