@@ -1,6 +1,7 @@
 """ReplySender: replies whole and in order from callbacks and tasks, over a socket and over a
 wrapped stream; backpressure, a peer that goes away, and closing."""
 
+import os
 import socket
 
 import pytest
@@ -94,3 +95,48 @@ async def test_close_sends_what_is_queued_then_ends_the_writer():
     assert outcomes == [True]  # the writer returned: the nursery closed
     sender.send_nowait(b"after", outcomes.append)
     assert outcomes == [True, False]
+
+
+@pytest.mark.parametrize("pair", [socket_pair, trio.testing.memory_stream_pair])
+async def test_a_reply_of_several_buffers_arrives_whole(pair, nursery):
+    server, client = pair()
+    sender = ReplySender(server, on_broken=lambda cause: None)
+    nursery.start_soon(sender.run)
+    sent = []
+    header, data = b"header:", memoryview(LARGE)
+    sender.send_nowait([header, data[:MiB], data[MiB:]], sent.append)
+    nursery.start_soon(sender.send, (b"tail", b"!"))
+    assert await receive_exact(client, len(header) + len(LARGE) + 5) == header + LARGE + b"tail!"
+    assert sent == [True]
+
+
+async def test_a_burst_of_replies_takes_two_writes(nursery, monkeypatch):
+    """The first reply of a burst goes out at once; those after it go out together once the
+    writer runs."""
+    from nbdserve.server import sender as sender_module
+
+    writes = []
+
+    class CountingOs:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def write(self, fd, data):
+            writes.append(1)
+            return os.write(fd, data)
+
+        def writev(self, fd, buffers):
+            writes.append(len(buffers))
+            return os.writev(fd, buffers)
+
+    monkeypatch.setattr(sender_module, "os", CountingOs())
+    server, client = socket_pair()
+    sender = ReplySender(server, on_broken=lambda cause: None)
+    nursery.start_soon(sender.run)
+    sent = []
+    for number in range(10):
+        sender.send_nowait([b"%d:" % number, b"data;"], sent.append)
+    assert writes == [2]  # the first reply alone, at once: no pass through the scheduler
+    expected = b"".join(b"%d:data;" % number for number in range(10))
+    assert await receive_exact(client, len(expected)) == expected
+    assert writes == [2, 18] and sent == [True] * 10
