@@ -32,6 +32,9 @@ class WouldBlock(Exception):
 
 # A started request's outcome, on the event loop: None when done, else an OSError or WouldBlock.
 Done = Callable[[Exception | None], None]
+# A started read's outcome when the backend lends its own memory: the bytes as consecutive views
+# (None on error), and None or the OSError.
+Views = Callable[[list[memoryview] | None, Exception | None], None]
 
 
 def unsupported(what: str) -> BackendError:
@@ -150,5 +153,9 @@ class Backend(Protocol):
     def start_pwrite(self, buf: memoryview | bytes, offset: int, fua: bool, done: Done) -> bool: ...
 
     def start_flush(self, done: Done) -> bool: ...
+
+    def start_pread_views(self, offset: int, length: int, done: Views) -> bool:
+        """Like start_pread, for a backend whose data already lies in memory that never changes
+        (a cache of a read-only image): `done` gets views of it, sent as they are."""
 
     async def close(self) -> None: ...

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from .access import ExportAccess
-from .backend import Backend, CacheMode, Done, Extent, OpenOptions
+from .backend import Backend, CacheMode, Done, Extent, OpenOptions, Views
 from .protocol.constants import (
     ALLOCATION_DEPTH,
     BASE_ALLOCATION,
@@ -123,6 +123,8 @@ class Export:
         self._start_flush = getattr(backend, "start_flush", None)
         # Whether a read may be started without a task (then it needs a reply buffer first).
         self.starts_reads = self._start_pread is not None
+        self._start_pread_views = getattr(backend, "start_pread_views", None)
+        self.lends_reads = self._start_pread_views is not None  # no reply buffer needed
 
     def __repr__(self) -> str:
         return f"<Export {self.name!r} size={self.size}>"
@@ -206,6 +208,9 @@ class Export:
 
     def start_read(self, buf: memoryview, offset: int, done: Done) -> bool:
         return self._start_pread is not None and self._start_pread(buf, offset, done)
+
+    def start_read_views(self, offset: int, length: int, done: Views) -> bool:
+        return self._start_pread_views is not None and self._start_pread_views(offset, length, done)
 
     def start_write(self, data, offset: int, fua: bool, done: Done) -> bool:
         fua = fua and self._honours_flush

@@ -4,6 +4,7 @@ completion order, and a closing connection waits for what it started. Over a mem
 ReplySender's writer path) and a real socket pair (direct writes)."""
 
 import errno
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -88,14 +89,44 @@ def socket_pair():
     return trio.SocketStream(left), trio.SocketStream(right)
 
 
+class LendingBackend(ScriptedBackend):
+    """Answers reads with views of its own memory, in pieces, as a cache of blocks would."""
+
+    def start_pread_views(self, offset, length, done) -> bool:
+        self.started.append(("views", length, offset, done))
+        return True
+
+    def finish(self, index: int, error: Exception | None = None) -> None:
+        kind, length, offset, done = self.started[index]
+        if kind != "views":
+            super().finish(index, error)
+        elif error is None:
+            data = memoryview(bytes(self.data[offset : offset + length]))
+            done([data[:1000], data[1000:]], None)
+        else:
+            done(None, error)
+
+
 @pytest.fixture(params=["memory", "socket"])
 async def connected(request, nursery):
     """(backend, client) with a negotiated connection to the export `disk`."""
-    backend = ScriptedBackend()
+    async with serving(ScriptedBackend(), request.param, nursery) as connection:
+        yield connection
+
+
+@pytest.fixture(params=["memory", "socket"])
+async def lending(request, nursery):
+    """connected, with a backend that lends its memory for reads."""
+    async with serving(LendingBackend(), request.param, nursery) as connection:
+        yield connection
+
+
+@asynccontextmanager
+async def serving(backend: ScriptedBackend, stream_kind: str, nursery):
     config = ExportConfig("disk", ScriptedDriver(backend), None, RawFormat(), None)
     catalog = Catalog({"disk": config})
-    client_end, server_end = socket_pair() if request.param == "socket" else trio.testing.memory_stream_pair()
-    connection = Connection(server_end, request.param, catalog, Limits())
+    client_end, server_end = socket_pair() if stream_kind == "socket" else trio.testing.memory_stream_pair()
+    connection = Connection(server_end, stream_kind, catalog, Limits())
     nursery.start_soon(connection.run)
     client = StreamClient(client_end)
     await client.negotiate("disk")
@@ -172,3 +203,20 @@ async def test_disconnect_waits_for_started_requests(connected):
     assert await client.receive_exact(512) == PATTERN[:512]
     assert await client.at_eof()
 
+
+
+async def test_lent_data_goes_out_as_replies_in_completion_order(lending):
+    backend, client = lending
+    await client.stream.send_all(request(Command.READ, 0, 4096, cookie=1) + request(Command.READ, 8192, 2048, cookie=2)
+                                 + request(Command.READ, 512, 1024, cookie=3))
+    await started(backend, 3)
+    assert [kind for kind, *_ in backend.started] == ["views"] * 3
+    backend.finish(1)
+    backend.finish(2, OSError(errno.EIO, "the remote image changed"))
+    backend.finish(0)
+    assert await client.simple_reply() == (0, 2)
+    assert await client.receive_exact(2048) == PATTERN[8192 : 8192 + 2048]
+    assert await client.simple_reply() == (Error.EIO, 3)
+    assert await client.simple_reply() == (0, 1)
+    assert await client.receive_exact(4096) == PATTERN[:4096]
+    assert backend.async_calls == []

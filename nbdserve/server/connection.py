@@ -295,13 +295,14 @@ class Connection:
         elif command == _WRITE:
             fua = bool(request.flags & _FUA)
             if fua or not export.try_write(request.data, request.offset):
-                started = self._start(request, export.start_write, (request.data, request.offset, fua))
+                started = self._start(request, export.start_write, (request.data, request.offset, fua),
+                                      self._completion(request))
                 return _STARTED if started else None
             self._release_payload(request)
             self.counters.bytes_written += request.length
             reply = simple_reply(request.cookie)
         else:
-            return _STARTED if self._start(request, export.start_flush, ()) else None
+            return _STARTED if self._start(request, export.start_flush, (), self._completion(request)) else None
         self.counters.record(command, time.perf_counter_ns() - start)
         return reply
 
@@ -313,6 +314,11 @@ class Connection:
             return None
         if self.structured and export.known_zero(offset, length):
             return offset_hole_chunk(request.cookie, offset, length, done=True)
+        if export.lends_reads:  # no reply buffer: the data goes out from where it lies
+            done = self._completion(request)
+            lent = self._start(request, export.start_read_views, (offset, length),
+                               lambda views, error: done(error, views))
+            return _STARTED if lent else None
         if not (export.reads_inline or export.starts_reads):
             return None  # spare the reply buffer a backend never fills
         reply, data, pooled = self._reply_buffer(self._read_header, length)
@@ -321,13 +327,12 @@ class Connection:
             if pooled is not None:
                 self._batch_buffers.append(pooled)  # given back once the batch is sent
             return reply
-        if self._start(request, export.start_read, (data, offset), reply, pooled):
+        if self._start(request, export.start_read, (data, offset), self._completion(request, reply, pooled)):
             return _STARTED
         self._release_reply(pooled)
         return None
 
-    def _start(self, request: Request, start, args: tuple, reply: memoryview | None = None,
-               pooled: mmap.mmap | None = None) -> bool:
+    def _start(self, request: Request, start, args: tuple, done) -> bool:
         """Start a request through `start(*args, done)` with a slot held until it replies:
         True if it started."""
         try:
@@ -335,7 +340,7 @@ class Connection:
         except trio.WouldBlock:
             return False  # all slots busy: the reader waits for one on the task path
         try:
-            if start(*args, self._completion(request, reply, pooled)):
+            if start(*args, done):
                 return True
         except Exception:
             log.debug("%s: starting %s failed; serving it in a task", self.peer, _name(request),
@@ -343,8 +348,10 @@ class Connection:
         self._slots.release()
         return False
 
-    def _completion(self, request: Request, reply: memoryview | None, pooled: mmap.mmap | None):
-        """The callback that replies to a started request (a READ's reply buffer given)."""
+    def _completion(self, request: Request, reply: memoryview | None = None,
+                    pooled: mmap.mmap | None = None):
+        """The callback that replies to a started request: a READ's reply buffer given, or the
+        views of the data the backend lends."""
         start = time.perf_counter_ns()
 
         def finished(_sent: bool) -> None:
@@ -353,9 +360,14 @@ class Connection:
             self._slots.release()
             self.counters.record(request.command, time.perf_counter_ns() - start)
 
-        def done(error: Exception | None) -> None:
+        def done(error: Exception | None, views: list[memoryview] | None = None) -> None:
             if error is None:
-                if reply is None:
+                if views is not None:
+                    header = bytearray(self._read_header)
+                    self._pack_read_header(header, request)
+                    self.counters.bytes_read += request.length
+                    self._sender.send_nowait([header, *views], finished)
+                elif reply is None:
                     if request.command == _WRITE:
                         self.counters.bytes_written += request.length
                     self._sender.send_nowait(simple_reply(request.cookie), finished)
