@@ -17,7 +17,7 @@ from nbdserve.registry import ParseContext
 from nbdserve.settings import Section
 
 IMAGE_SIZE = 4 * 1024 * 1024
-BLOCK = 64 * 1024
+BLOCK = 4096  # the http source's unit of caching and fetching
 PROBES = 3  # range GETs made at open: one for the size, two ranges to test multipart replies
 
 
@@ -61,7 +61,7 @@ async def test_reads_match_the_image(tmp_path, faulty_server, image):
     await backend.close()
 
 
-async def test_concurrent_reads_of_one_block_share_one_fetch(tmp_path, faulty_server, image):
+async def test_concurrent_reads_of_the_same_blocks_share_one_fetch(tmp_path, faulty_server, image):
     server = faulty_server(image)
     backend = await open_backend(tmp_path, server.url())
     before = len(server.range_gets())
@@ -70,17 +70,18 @@ async def test_concurrent_reads_of_one_block_share_one_fetch(tmp_path, faulty_se
     async def one(offset):
         results.append(await read(backend, offset, 4096) == image[offset : offset + 4096])
 
+    base = 80 * BLOCK
     async with trio.open_nursery() as nursery:
-        # 16 reads inside one block with gaps between them: not a stream, so no readahead.
-        for offset in [BLOCK * 5 + 8192 * (i // 2) for i in range(16)]:
+        # 16 reads, each overlapping the next, over 5 blocks: not a stream, so no readahead.
+        for offset in [base + 1000 * i for i in range(16)]:
             nursery.start_soon(one, offset)
     assert results == [True] * 16
-    assert sorted(server.range_gets()[before:], key=lambda value: int(value[6:].split("-")[0])) == [f"bytes={BLOCK * 5}-{BLOCK * 6 - 1}"]
+    assert server.range_gets()[before:] == [f"bytes={base}-{base + 5 * BLOCK - 1}"]
     # Now cached: served inline, without a request or an await.
     buf = bytearray(4096)
-    assert backend.try_pread(memoryview(buf), BLOCK * 5 + 100)
-    assert bytes(buf) == image[BLOCK * 5 + 100 : BLOCK * 5 + 100 + 4096]
-    assert not backend.try_pread(memoryview(buf), BLOCK * 9)
+    assert backend.try_pread(memoryview(buf), base + 100)
+    assert bytes(buf) == image[base + 100 : base + 100 + 4096]
+    assert not backend.try_pread(memoryview(buf), base + 5 * BLOCK)
     assert len(server.range_gets()) == before + 1
     await backend.close()
 
@@ -93,7 +94,7 @@ async def test_random_reads_waiting_together_go_out_in_one_request(tmp_path, fau
 
     async def reader():
         for _ in range(8):
-            offset = rng.choice(blocks) * BLOCK + 4096
+            offset = rng.choice(blocks) * BLOCK + 100
             assert await read(backend, offset, 512) == image[offset : offset + 512]
 
     before = len(server.range_gets())
@@ -127,13 +128,14 @@ async def start_reads(backend, offsets: list[int], length: int) -> list[bytes]:
 async def test_reads_started_in_one_burst_go_out_in_one_request(tmp_path, faulty_server, image):
     server = faulty_server(image)
     backend = await open_backend(tmp_path, server.url(), **{"cache-size": 0})
-    offsets = [block * BLOCK + 100 for block in range(1, 64, 4)]  # 16 blocks, none adjacent
+    starts = [n * 16 * BLOCK for n in range(1, 64, 4)]  # 16 reads, none adjacent
+    offsets = [start + 100 for start in starts]  # 4 KiB from there: two blocks each
     before = len(server.range_gets())
     data = await start_reads(backend, offsets, 4096)
     assert data == [image[offset : offset + 4096] for offset in offsets]
     # The fetch takes its batch when its task begins: by then the whole burst has queued.
     assert server.range_gets()[before:] == [
-        "bytes=" + ",".join(f"{block * BLOCK}-{(block + 1) * BLOCK - 1}" for block in range(1, 64, 4))
+        "bytes=" + ",".join(f"{start}-{start + 2 * BLOCK - 1}" for start in starts)
     ]
     await backend.close()
 
@@ -164,27 +166,25 @@ async def test_sequential_reads_are_read_ahead(tmp_path, faulty_server, image):
     for offset in range(0, 2 * 1024 * 1024, 32 * 1024):
         assert await read(backend, offset, 32 * 1024) == image[offset : offset + 32 * 1024]
         await trio.sleep(0.005)  # a guest between reads: time for readahead to land
-    # 64 reads over 32 blocks: the third makes a stream, then 1 MiB windows come in one request
-    # each, half a window before they are needed.
-    window = 16 * BLOCK
+    # The third read makes a stream: 1 MiB windows come after it in one request each, half a
+    # window before they are needed.
+    read_size, window = 32 * 1024, 1024 * 1024
+    ahead = 3 * read_size
     assert sorted(server.range_gets()[before:], key=lambda value: int(value[6:].split("-")[0])) == [
-        f"bytes=0-{BLOCK - 1}",
-        f"bytes={BLOCK}-{2 * BLOCK - 1}",
-        f"bytes={2 * BLOCK}-{2 * BLOCK + window - 1}",
-        f"bytes={2 * BLOCK + window}-{2 * BLOCK + 2 * window - 1}",
-        f"bytes={2 * BLOCK + 2 * window}-{2 * BLOCK + 3 * window - 1}",
-    ]
+        f"bytes={start}-{start + read_size - 1}" for start in (0, read_size, 2 * read_size)
+    ] + [f"bytes={ahead + n * window}-{ahead + (n + 1) * window - 1}" for n in range(3)]
     await backend.close()
 
 
 async def test_the_cache_stays_within_its_size(tmp_path, faulty_server, image):
     server = faulty_server(image)
-    backend = await open_backend(tmp_path, server.url(), **{"cache-size": "256K", "readahead": 0})
-    for offset in range(0, IMAGE_SIZE, BLOCK):
+    backend = await open_backend(tmp_path, server.url(), **{"cache-size": "128K", "readahead": 0})
+    last = IMAGE_SIZE - 16 * BLOCK
+    for offset in range(0, IMAGE_SIZE, 16 * BLOCK):  # 64 blocks fetched, room for 32
         assert await read(backend, offset, 100) == image[offset : offset + 100]
-    assert 0 < backend.cache.used <= 256 * 1024
+    assert 0 < backend.cache.used <= 128 * 1024
     before = len(server.range_gets())
-    assert await read(backend, IMAGE_SIZE - BLOCK, 100) == image[IMAGE_SIZE - BLOCK :][:100]
+    assert await read(backend, last, 100) == image[last : last + 100]
     assert await read(backend, 0, 100) == image[:100]  # dropped long ago: fetched again
     assert len(server.range_gets()) == before + 1
     await backend.close()

@@ -2,10 +2,11 @@
 
 Reads whose blocks are all cached are served inline on the event loop (a thread hop costs more
 than copying a few blocks); the rest wait for the fetches that bring their blocks, without a task
-of their own (`start_pread`): the fetch's completion replies to them.
+of their own (`start_pread`): the fetch's completion replies to them. Cached bytes never change,
+so a connection may send them as they lie (`start_pread_views`), with no copy into a reply.
 """
 
-from nbdserve.backend import Capabilities, Done
+from nbdserve.backend import Capabilities, Done, Views
 
 from .cache import BlockCache
 from .config import BLOCK_SIZE, HttpConfig
@@ -37,23 +38,30 @@ class HttpBackend:
         if self.remote.changed or not len(buf):
             return False  # pread reports it
         first, last = self._blocks_of(offset, len(buf))
-        blocks = self.loader.cached(first, last)
-        if blocks is None:
+        views = self.loader.cached(first, last)
+        if views is None:
             return False
         self.loader.after_read(offset, len(buf))
-        _copy(blocks, first * BLOCK_SIZE, buf, offset)
+        _copy(views, offset - first * BLOCK_SIZE, buf)
         return True
 
     def start_pread(self, buf: memoryview, offset: int, done: Done) -> bool:
-        if self.remote.changed or not len(buf):
-            return False  # pread reports it
-        first, last = self._blocks_of(offset, len(buf))
-        self.loader.after_read(offset, len(buf))
-
-        def arrived(blocks: list[memoryview] | None, error: OSError | None) -> None:
+        def arrived(views: list[memoryview] | None, error: OSError | None) -> None:
             if error is None:
-                _copy(blocks, first * BLOCK_SIZE, buf, offset)
+                _copy(views, 0, buf)
             done(error)
+
+        return self.start_pread_views(offset, len(buf), arrived)
+
+    def start_pread_views(self, offset: int, length: int, done: Views) -> bool:
+        if self.remote.changed or not length:
+            return False  # pread reports it
+        first, last = self._blocks_of(offset, length)
+        self.loader.after_read(offset, length)
+        skip = offset - first * BLOCK_SIZE
+
+        def arrived(views: list[memoryview] | None, error: OSError | None) -> None:
+            done(None if error else _trimmed(views, skip, length), error)
 
         self.loader.start(first, last, arrived)
         return True
@@ -63,8 +71,7 @@ class HttpBackend:
             return
         first, last = self._blocks_of(offset, len(buf))
         self.loader.after_read(offset, len(buf))
-        blocks = await self.loader.load(first, last)
-        _copy(blocks, first * BLOCK_SIZE, buf, offset)
+        _copy(await self.loader.load(first, last), offset - first * BLOCK_SIZE, buf)
 
     async def cache(self, offset: int, length: int) -> None:
         if length:
@@ -78,12 +85,20 @@ class HttpBackend:
         self.remote.close()
 
 
-def _copy(blocks: list[memoryview], blocks_offset: int, buf: memoryview, offset: int) -> None:
-    """Copy into `buf` the bytes at `offset` from consecutive blocks starting at `blocks_offset`."""
-    skip = offset - blocks_offset
+def _trimmed(views: list[memoryview], skip: int, length: int) -> list[memoryview]:
+    """The `length` bytes from `skip` on of the consecutive `views`."""
+    trimmed = []
+    for view in views:
+        piece = view[skip : skip + length]
+        skip = 0
+        trimmed.append(piece)
+        length -= len(piece)
+    return trimmed
+
+
+def _copy(views: list[memoryview], skip: int, buf: memoryview) -> None:
+    """Fill `buf` from the bytes from `skip` on of the consecutive `views`."""
     position = 0
-    for data in blocks:
-        piece = data[skip : skip + len(buf) - position]
+    for piece in _trimmed(views, skip, len(buf)):
         buf[position : position + len(piece)] = piece
         position += len(piece)
-        skip = 0

@@ -2,7 +2,8 @@
 
 It holds runs of consecutive blocks exactly as they were fetched, so a fetched buffer is stored
 without being copied again and the memory it holds is counted exactly; a block is found through
-an index of the run holding it.
+an index of the run holding it, and a read takes one view per run it touches, however many
+blocks that run has.
 """
 
 from collections import OrderedDict
@@ -13,34 +14,54 @@ class BlockCache:
         self.capacity = capacity
         self.block_size = block_size
         self.used = 0
-        self._runs: OrderedDict[int, bytes] = OrderedDict()  # first block -> its run's bytes
+        self._runs: OrderedDict[int, memoryview] = OrderedDict()  # first block -> its run's bytes
         self._run_of: dict[int, int] = {}  # block -> first block of the run holding it
 
     def __contains__(self, index: int) -> bool:
         return index in self._run_of
 
-    def get(self, index: int) -> memoryview | None:
+    def cached_among(self, blocks: range) -> set[int]:
+        """Which of `blocks` are cached."""
+        return self._run_of.keys() & blocks
+
+    def lookup(self, index: int, last: int) -> tuple[memoryview, int] | None:
+        """The cached bytes of blocks from `index` on, as far as one run holds them but not
+        past `last`, and the block after them; None if block `index` is not cached."""
         first = self._run_of.get(index)
         if first is None:
             return None
         self._runs.move_to_end(first)
-        start = (index - first) * self.block_size
-        return memoryview(self._runs[first])[start : start + self.block_size]
+        data = self._runs[first]
+        size = self.block_size
+        end = min(last + 1, first + -(-len(data) // size))
+        return data[(index - first) * size : (end - first) * size], end
 
-    def put(self, first: int, data: bytes) -> None:
+    def views(self, first: int, last: int) -> list[memoryview] | None:
+        """The bytes of blocks first..last, one view per run, if all are cached."""
+        views = []
+        index = first
+        while index <= last:
+            hit = self.lookup(index, last)
+            if hit is None:
+                return None
+            view, index = hit
+            views.append(view)
+        return views
+
+    def put(self, first: int, data: bytes | memoryview) -> None:
         """Cache `data`, the blocks from `first` on (the last one may be short)."""
         if len(data) > self.capacity or first in self._runs:
             return
-        self._runs[first] = data
+        self._runs[first] = memoryview(data)
         self.used += len(data)
-        for index in range(first, first + -(-len(data) // self.block_size)):
-            self._run_of[index] = first
+        self._run_of.update(dict.fromkeys(range(first, first + -(-len(data) // self.block_size)), first))
         while self.used > self.capacity:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         first, data = self._runs.popitem(last=False)
         self.used -= len(data)
+        run_of = self._run_of
         for index in range(first, first + -(-len(data) // self.block_size)):
-            if self._run_of.get(index) == first:
-                del self._run_of[index]
+            if run_of.get(index) == first:
+                del run_of[index]

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 from nbdserve.registry import ParseContext
 from nbdserve.settings import Section
 
-BLOCK_SIZE = 64 * 1024  # the unit of caching and of fetching
+BLOCK_SIZE = 4096  # the unit of caching and fetching: a random read fetches little more
 # Headers nbdserve sets itself: a configured value would break range reads.
 _RESERVED_HEADERS = {"range", "accept-encoding", "host", "content-length"}
 

@@ -1,15 +1,18 @@
 """Getting blocks into the cache: shared fetches, batching, and readahead in the background.
 
-A block that is missing gets one `Pending` entry, whoever asks for it, so concurrent reads of the
-same block share one fetch, and waiting is only ever on the fetch that brings a needed block. A
-read waits through a callback, not a task: `start` calls it on the event loop once the blocks are
-in. At most `pool_size` fetches run at once, each in a task of its own and a worker thread. A
-fetch takes its batch when its task begins, not when it is spawned, so reads that arrive in the
-same burst ride along: adjacent blocks merge into one range, others become extra ranges of the
+Blocks are small (a page), so a random read fetches little more than it asks for. Missing
+blocks are fetched in stretches: a read's missing blocks, or a readahead window, get one
+`Pending` entry, whoever asks for them, so concurrent reads of the same blocks share one fetch,
+and waiting is only ever on fetches that bring needed blocks. A read waits through a callback,
+not a task: `start` calls it on the event loop once its blocks are in.
+
+At most `pool_size` fetches run at once, each in a task of its own and a worker thread. A fetch
+takes its batch when its task begins, not when it is spawned, so reads that arrive in the same
+burst ride along: adjacent stretches merge into one range, others become extra ranges of the
 same request when the server allows it. Python spends far more CPU per request than per range,
-so few large requests beat many small ones. With every slot busy, reads just queue: each fetch,
-as it ends, starts the next one for what queued meanwhile. Readahead queues behind reads and
-uses slots reads leave free.
+so few large requests beat many small ones: while a fetch is in flight, another starts only once
+several reads queue, and each fetch, as it ends, starts the next for whatever queued meanwhile.
+Readahead queues behind reads and uses slots reads leave free.
 """
 
 import logging
@@ -25,50 +28,59 @@ from .remote import RemoteImage
 log = logging.getLogger(__name__)
 
 MAX_FETCH = 4 * 1024 * 1024  # bytes per request: large enough to amortise its overhead
+# Reads that make another request worth its CPU while a fetch is in flight.
+READS_PER_EXTRA_FETCH = 4
 
 
-# Called on the event loop once a read's blocks are in: the blocks, or the error that stopped them.
+# Called on the event loop once a read's blocks are in: views of their bytes, or the error that
+# stopped them.
 Arrived = Callable[[list[memoryview] | None, OSError | None], None]
 
 
 class Pending:
-    """A block on its way: the fetch that brings it sets `data` or `error`, then calls `waiters`."""
+    """Blocks first..last on their way: the fetch that brings them sets `data` or `error`, then
+    calls `waiters`."""
 
-    __slots__ = ("waiters", "data", "error")
+    __slots__ = ("first", "last", "waiters", "data", "error")
 
-    def __init__(self) -> None:
+    def __init__(self, first: int, last: int) -> None:
+        self.first = first
+        self.last = last
         self.waiters: list[Callable[[], None]] = []
         self.data: memoryview | None = None
         self.error: OSError | None = None
 
 
 class _Gather:
-    """One read's blocks, some cached, some pending: calls `arrived` once all are in."""
+    """One read's bytes, some cached, some pending: calls `arrived` once all are in."""
 
-    __slots__ = ("items", "missing", "arrived")
+    __slots__ = ("items", "missing", "arrived", "block_size")
 
-    def __init__(self, items: list, arrived: Arrived) -> None:
-        self.items = items  # memoryview or Pending per block
+    def __init__(self, items: list, arrived: Arrived, block_size: int) -> None:
+        self.items = items  # a view, or (Pending, first block wanted, last block wanted)
         self.arrived = arrived
+        self.block_size = block_size
         self.missing = 0
         for item in items:
-            if isinstance(item, Pending):
+            if type(item) is tuple:
                 self.missing += 1
-                item.waiters.append(self.one_in)
+                item[0].waiters.append(self.one_in)
 
     def one_in(self) -> None:
         self.missing -= 1
         if self.missing:
             return
-        blocks = []
+        views = []
+        size = self.block_size
         for item in self.items:
-            if isinstance(item, Pending):
-                if item.error is not None:
-                    self.arrived(None, item.error)
+            if type(item) is tuple:
+                pending, first, last = item
+                if pending.error is not None:
+                    self.arrived(None, pending.error)
                     return
-                item = item.data
-            blocks.append(item)
-        self.arrived(blocks, None)
+                item = pending.data[(first - pending.first) * size : (last + 1 - pending.first) * size]
+            views.append(item)
+        self.arrived(views, None)
 
 
 class BlockLoader:
@@ -79,10 +91,10 @@ class BlockLoader:
         self.block_size = block_size
         self.block_count = -(-remote.size // block_size)
         self.pool_size = pool_size
-        self._pending: dict[int, Pending] = {}  # blocks being fetched or queued for a fetch
-        # Pending blocks no fetch has taken yet, oldest first: for reads, and for readahead.
-        self._queue: dict[int, None] = {}
-        self._ahead: dict[int, None] = {}
+        self._pending: dict[int, Pending] = {}  # block -> the Pending bringing it
+        # Pendings no fetch has taken yet, oldest first: for reads, and for readahead.
+        self._queue: dict[Pending, None] = {}
+        self._ahead: dict[Pending, None] = {}
         self._fetching = 0  # fetches in flight, or spawned and about to take their batch
         self._fetch_starting = False  # a fetch is spawned but has not taken its batch yet
         self._max_blocks = max(1, MAX_FETCH // block_size)
@@ -90,44 +102,44 @@ class BlockLoader:
         self.closed = False
 
     def cached(self, first: int, last: int) -> list[memoryview] | None:
-        """The blocks if all are cached (no waiting, no side effects otherwise)."""
-        blocks = []
-        for index in range(first, last + 1):
-            data = self.cache.get(index)
-            if data is None:
-                return None
-            blocks.append(data)
-        return blocks
+        """The bytes of blocks first..last if all are cached (no side effects otherwise)."""
+        return self.cache.views(first, last)
 
     def start(self, first: int, last: int, arrived: Arrived) -> None:
-        """Get blocks first..last, fetching what is not cached; `arrived` gets them (it may run
-        before this returns)."""
-        items: list[memoryview | Pending] = []
-        for index in range(first, last + 1):
-            data = self.cache.get(index)
-            if data is None:
-                data = self._pending.get(index)
-                if data is None:
-                    data = self._pending[index] = Pending()
-                    self._queue[index] = None
-                elif index in self._ahead:  # readahead not started yet: a read needs it now
-                    del self._ahead[index]
-                    self._queue[index] = None
-            items.append(data)
-        if _Gather(items, arrived).missing:
+        """Get blocks first..last, fetching what is not cached; `arrived` gets their bytes (it
+        may run before this returns)."""
+        items: list = []
+        index = first
+        while index <= last:
+            hit = self.cache.lookup(index, last)
+            if hit is not None:
+                view, index = hit
+                items.append(view)
+                continue
+            pending = self._pending.get(index)
+            if pending is None:
+                pending = self._new_pending(index, last)
+                self._queue[pending] = None
+            elif pending in self._ahead:  # readahead not started yet: a read needs it now
+                del self._ahead[pending]
+                self._queue[pending] = None
+            end = min(last, pending.last)
+            items.append((pending, index, end))
+            index = end + 1
+        if _Gather(items, arrived, self.block_size).missing:
             self._start_fetches()
         else:
             arrived(items, None)  # all cached
 
     async def load(self, first: int, last: int) -> list[memoryview]:
-        """Blocks first..last, fetching what is not cached."""
+        """The bytes of blocks first..last, fetching what is not cached."""
         task = trio.lowlevel.current_task()
         waiting = False
         at_once: outcome.Outcome | None = None
 
-        def arrived(blocks: list[memoryview] | None, error: OSError | None) -> None:
+        def arrived(views: list[memoryview] | None, error: OSError | None) -> None:
             nonlocal at_once
-            result = outcome.Value(blocks) if error is None else outcome.Error(error)
+            result = outcome.Value(views) if error is None else outcome.Error(error)
             if waiting:
                 trio.lowlevel.reschedule(task, result)
             else:
@@ -149,21 +161,39 @@ class BlockLoader:
         window = self._detector.observe(offset, length)
         if window is None:
             return
-        start, end = window[0], min(window[1], self.block_count - 1)
-        for index in range(start, end + 1):
-            if index not in self._pending and index not in self.cache:
-                self._pending[index] = Pending()
-                self._ahead[index] = None
+        index, end = window[0], min(window[1], self.block_count - 1)
+        while index <= end:
+            if index in self._pending or index in self.cache:
+                index += 1
+                continue
+            pending = self._new_pending(index, min(end, index + self._max_blocks - 1))
+            self._ahead[pending] = None
+            index = pending.last + 1
         self._start_fetches()
 
+    def _new_pending(self, first: int, limit: int) -> Pending:
+        """A Pending for the missing blocks from `first` on, up to `limit`."""
+        later = range(first + 1, limit + 1)
+        # Set operations scan in C: a readahead window is hundreds of blocks.
+        taken = (self._pending.keys() & later) | self.cache.cached_among(later)
+        last = min(taken) - 1 if taken else limit
+        pending = Pending(first, last)
+        self._pending.update(dict.fromkeys(range(first, last + 1), pending))
+        return pending
+
     def _start_fetches(self) -> None:
-        """Start a fetch, in a task of its own, if a slot is free and blocks queue. A fetch that
-        has not begun yet takes whatever queues meanwhile, so one such is enough."""
-        if (not self._fetch_starting and self._fetching < self.pool_size and (self._queue or self._ahead)
-                and not self.closed):
-            self._fetching += 1
-            self._fetch_starting = True
-            trio.lowlevel.spawn_system_task(self._fetch_in_background, name="http fetch")
+        """Start a fetch, in a task of its own, if a slot is free and enough waits for it. A fetch
+        that has not begun yet takes whatever queues meanwhile, so one such is enough."""
+        if self._fetch_starting or self._fetching >= self.pool_size or self.closed:
+            return
+        if self._queue:
+            if self._fetching and len(self._queue) < READS_PER_EXTRA_FETCH:
+                return  # the fetch in flight starts the next as it ends
+        elif not self._ahead:
+            return
+        self._fetching += 1
+        self._fetch_starting = True
+        trio.lowlevel.spawn_system_task(self._fetch_in_background, name="http fetch")
 
     async def _fetch_in_background(self) -> None:
         try:
@@ -177,63 +207,74 @@ class BlockLoader:
             self._fetching -= 1
             self._start_fetches()
 
-    def _take_batch(self) -> list[int]:
-        """Queued blocks for one request, oldest first; readahead (one run) only when no read
-        waits."""
+    def _take_batch(self) -> list[Pending]:
+        """Queued Pendings for one request, oldest first; readahead (one window) only when no
+        read waits."""
         if not self._queue:
-            return self._queued_run(self._ahead, next(iter(self._ahead)), self._max_blocks)
-        batch: list[int] = []
-        runs = 0
-        while self._queue and runs < self.remote.max_ranges and len(batch) < self._max_blocks:
-            batch.extend(self._queued_run(self._queue, next(iter(self._queue)), self._max_blocks - len(batch)))
-            runs += 1
+            pending = next(iter(self._ahead))
+            del self._ahead[pending]
+            return [pending]
+        batch: list[Pending] = []
+        ranges = blocks = 0
+        while self._queue and ranges < self.remote.max_ranges and blocks < self._max_blocks:
+            run = self._queued_run(next(iter(self._queue)))
+            batch.extend(run)
+            ranges += 1
+            blocks += run[-1].last + 1 - run[0].first
         return batch
 
-    @staticmethod
-    def _queued_run(queue: dict[int, None], index: int, limit: int) -> list[int]:
-        """Take from `queue` the blocks contiguous with `index`, at most `limit` of them."""
-        start = index
-        while start - 1 in queue and index - start + 1 < limit:
-            start -= 1
-        end = index
-        while end + 1 in queue and end - start + 1 < limit:
-            end += 1
-        for member in range(start, end + 1):
-            del queue[member]
-        return list(range(start, end + 1))
+    def _queued_run(self, pending: Pending) -> list[Pending]:
+        """Take from the read queue `pending` and the queued Pendings adjacent to it: one range."""
+        run = [pending]
+        while (before := self._pending.get(run[0].first - 1)) in self._queue:
+            run.insert(0, before)
+        while (after := self._pending.get(run[-1].last + 1)) in self._queue:
+            run.append(after)
+        for member in run:
+            del self._queue[member]
+        return run
 
-    async def _fetch(self, batch: list[int]) -> None:
+    async def _fetch(self, batch: list[Pending]) -> None:
+        runs = _contiguous(batch)
         try:
-            runs = await trio.to_thread.run_sync(self._fetch_runs, batch)
+            bodies = await trio.to_thread.run_sync(self._fetch_runs, runs)
         except OSError as exc:
-            for index in batch:
-                self._settle(index, None, exc)
+            for pending in batch:
+                self._settle(pending, None, exc)
             return
-        for first, data in runs:
-            self.cache.put(first, data)
-            view = memoryview(data)
-            for start in range(0, len(data), self.block_size):
-                self._settle(first + start // self.block_size, view[start : start + self.block_size], None)
+        size = self.block_size
+        for run, data in zip(runs, bodies):
+            self.cache.put(run[0].first, data)
+            for pending in run:
+                start = (pending.first - run[0].first) * size
+                self._settle(pending, data[start : start + (pending.last + 1 - pending.first) * size], None)
 
-    def _settle(self, index: int, data: memoryview | None, error: OSError | None) -> None:
-        pending = self._pending.pop(index)
+    def _settle(self, pending: Pending, data: memoryview | None, error: OSError | None) -> None:
+        for index in range(pending.first, pending.last + 1):
+            del self._pending[index]
         pending.data, pending.error = data, error
         waiters, pending.waiters = pending.waiters, []  # waiters refer back: break the cycle
         for waiter in waiters:
             waiter()
 
-    def _fetch_runs(self, batch: list[int]) -> list[tuple[int, bytes]]:
-        """In a worker thread: one request for the batch; (first block, bytes) per run of blocks."""
-        runs: list[list[int]] = []
-        for index in sorted(batch):
-            if runs and runs[-1][1] == index - 1:
-                runs[-1][1] = index
-            else:
-                runs.append([index, index])
+    def _fetch_runs(self, runs: list[list[Pending]]) -> list[memoryview]:
+        """In a worker thread: one request for the runs; the bytes of each."""
         size, block = self.remote.size, self.block_size
-        ranges = [(first * block, min((last + 1) * block, size) - first * block) for first, last in runs]
+        ranges = [(run[0].first * block, min((run[-1].last + 1) * block, size) - run[0].first * block)
+                  for run in runs]
         data = self.remote.fetch(ranges)
         if len(runs) == 1:
-            return [(runs[0][0], data[0])]  # the reply body itself, not copied
+            return data  # the reply body itself, not copied
         # Parts of one body: copies, so a cached run does not keep the whole body alive.
-        return [(first, bytes(view)) for (first, _), view in zip(runs, data)]
+        return [memoryview(bytes(view)) for view in data]
+
+
+def _contiguous(batch: list[Pending]) -> list[list[Pending]]:
+    """The batch's Pendings in order, grouped into runs of adjacent ones."""
+    runs: list[list[Pending]] = []
+    for pending in sorted(batch, key=lambda pending: pending.first):
+        if runs and runs[-1][-1].last + 1 == pending.first:
+            runs[-1].append(pending)
+        else:
+            runs.append([pending])
+    return runs
