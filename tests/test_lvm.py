@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import NBDSERVE, free_port, run
 from lvm_fixtures import lvm  # noqa: F401 (a fixture)
+from service_helpers import wait_for_log
 
 from nbdserve.backend import OpenOptions
 from nbdserve.config import parse_config
@@ -146,7 +147,8 @@ def test_inactive_lv_is_refused_with_a_reason(lvm, start_server):
     lvm.create_lv(vg, "up", 4 * MIB)
     lvm.create_lv(vg, "down", 4 * MIB, activate=False)
     server = start_server(args=["--cache", "none", f"lvm:{vg}"], env=lvm.env)  # every LV of the group
-    assert f"exports of {vg!r} are found while serving: nbdinfo --list nbd://127.0.0.1:" in server.log()
+    # Logged once the listeners accept, which may be after the test could connect.
+    wait_for_log(server, f"exports of {vg!r} are found while serving: nbdinfo --list nbd://127.0.0.1:")
     assert listed(server) == ["down", "up"]
     assert "down" in go_error(server, "down")  # libnbd does not show the server's reason...
     assert f"LV {vg}/down is not active" in server.log()  # ...which the log has
