@@ -6,17 +6,19 @@ blocks are fetched in stretches: a read's missing blocks, or a readahead window,
 and waiting is only ever on fetches that bring needed blocks. A read waits through a callback,
 not a task: `start` calls it on the event loop once its blocks are in.
 
-At most `pool_size` fetches run at once, each in a task of its own and a worker thread. A fetch
-takes its batch when its task begins, not when it is spawned, so reads that arrive in the same
-burst ride along: adjacent stretches merge into one range, others become extra ranges of the
+At most `pool_size` fetches run at once, each in a worker thread. A fetch takes its batch once
+the event loop is done with the burst of requests that asked for it, so the reads of that burst
+ride along: adjacent stretches merge into one range, others become extra ranges of the
 same request when the server allows it. Python spends far more CPU per request than per range,
 so few large requests beat many small ones: while a fetch is in flight, another starts only once
 several reads queue, and each fetch, as it ends, starts the next for whatever queued meanwhile.
 Readahead queues behind reads and uses slots reads leave free.
 """
 
+import errno
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import outcome
 import trio
@@ -95,8 +97,8 @@ class BlockLoader:
         # Pendings no fetch has taken yet, oldest first: for reads, and for readahead.
         self._queue: dict[Pending, None] = {}
         self._ahead: dict[Pending, None] = {}
-        self._fetching = 0  # fetches in flight, or spawned and about to take their batch
-        self._fetch_starting = False  # a fetch is spawned but has not taken its batch yet
+        self._fetching = 0  # fetches in flight, or asked for and about to take their batch
+        self._fetch_starting = False  # a fetch is asked for but has not taken its batch yet
         self._max_blocks = max(1, MAX_FETCH // block_size)
         self._detector = SequentialDetector(readahead // block_size, block_size)
         self.closed = False
@@ -162,9 +164,14 @@ class BlockLoader:
         if window is None:
             return
         index, end = window[0], min(window[1], self.block_count - 1)
-        while index <= end:
-            if index in self._pending or index in self.cache:
-                index += 1
+        while index <= end:  # over what is on its way or cached a stretch at a time
+            pending = self._pending.get(index)
+            if pending is not None:
+                index = pending.last + 1
+                continue
+            hit = self.cache.lookup(index, end)
+            if hit is not None:
+                index = hit[1]
                 continue
             pending = self._new_pending(index, min(end, index + self._max_blocks - 1))
             self._ahead[pending] = None
@@ -182,8 +189,8 @@ class BlockLoader:
         return pending
 
     def _start_fetches(self) -> None:
-        """Start a fetch, in a task of its own, if a slot is free and enough waits for it. A fetch
-        that has not begun yet takes whatever queues meanwhile, so one such is enough."""
+        """Ask for a fetch if a slot is free and enough waits for it. A fetch that has not begun
+        yet takes whatever queues meanwhile, so one such is enough."""
         if self._fetch_starting or self._fetching >= self.pool_size or self.closed:
             return
         if self._queue:
@@ -193,19 +200,34 @@ class BlockLoader:
             return
         self._fetching += 1
         self._fetch_starting = True
-        trio.lowlevel.spawn_system_task(self._fetch_in_background, name="http fetch")
+        trio.lowlevel.current_trio_token().run_sync_soon(self._begin_fetch)
 
-    async def _fetch_in_background(self) -> None:
+    def _begin_fetch(self) -> None:
+        """On the event loop, once the burst that asked for a fetch is served: take its batch
+        and run it in a worker thread. Callbacks, not a task and trio.to_thread: a fetch per
+        few reads made their machinery a tenth of the CPU."""
+        self._fetch_starting = False
+        runs = _contiguous(self._take_batch())
+        self._start_fetches()  # for what did not fit in the batch
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(result: outcome.Outcome) -> None:  # in the worker thread
+            try:
+                token.run_sync_soon(self._fetched, runs, result)
+            except trio.RunFinishedError:
+                pass  # the server stopped: nobody waits any more
+
+        trio.lowlevel.start_thread_soon(partial(self._fetch_runs, runs), deliver, name="http fetch")
+
+    def _fetched(self, runs: list[list[Pending]], result: outcome.Outcome) -> None:
+        """On the event loop: hand a fetch's bytes (or its error) to the reads waiting for them,
+        then start the next fetch. Raises nothing: that would crash the event loop."""
+        self._fetching -= 1
         try:
-            self._fetch_starting = False
-            batch = self._take_batch()
-            self._start_fetches()  # for what did not fit in the batch
-            await self._fetch(batch)
-        except Exception:  # a bug: must not take the server down from a system task
-            log.exception("http source %s: fetch failed", self.remote.name)
-        finally:
-            self._fetching -= 1
-            self._start_fetches()
+            self._settle_runs(runs, result)
+        except Exception:
+            log.exception("http source %s: settling a fetch failed", self.remote.name)
+        self._start_fetches()
 
     def _take_batch(self) -> list[Pending]:
         """Queued Pendings for one request, oldest first; readahead (one window) only when no
@@ -234,13 +256,16 @@ class BlockLoader:
             del self._queue[member]
         return run
 
-    async def _fetch(self, batch: list[Pending]) -> None:
-        runs = _contiguous(batch)
+    def _settle_runs(self, runs: list[list[Pending]], result: outcome.Outcome) -> None:
         try:
-            bodies = await trio.to_thread.run_sync(self._fetch_runs, runs)
-        except OSError as exc:
-            for pending in batch:
-                self._settle(pending, None, exc)
+            bodies = result.unwrap()
+        except Exception as exc:
+            if not isinstance(exc, OSError):  # a bug: the reads still get an answer
+                log.error("http source %s: fetch failed", self.remote.name, exc_info=exc)
+                exc = OSError(errno.EIO, "internal error in the http source")
+            for run in runs:
+                for pending in run:
+                    self._settle(pending, None, exc)
             return
         size = self.block_size
         for run, data in zip(runs, bodies):
@@ -262,11 +287,7 @@ class BlockLoader:
         size, block = self.remote.size, self.block_size
         ranges = [(run[0].first * block, min((run[-1].last + 1) * block, size) - run[0].first * block)
                   for run in runs]
-        data = self.remote.fetch(ranges)
-        if len(runs) == 1:
-            return data  # the reply body itself, not copied
-        # Parts of one body: copies, so a cached run does not keep the whole body alive.
-        return [memoryview(bytes(view)) for view in data]
+        return self.remote.fetch(ranges)  # views of the reply body: the cache counts it whole
 
 
 def _contiguous(batch: list[Pending]) -> list[list[Pending]]:
