@@ -4,6 +4,7 @@ import ctypes
 import mmap
 
 from nbdserve.buffers import BufferPool, size_class
+from nbdserve.malloc import keep_freed_buffers
 
 PAGE = mmap.PAGESIZE
 MiB = 1024 * 1024
@@ -53,3 +54,18 @@ def test_idle_memory_is_capped_per_class_and_in_total():
     pool.give(huge)  # larger than `largest`: never kept
     assert pool.idle_bytes == 4 * PAGE
     assert pool.take(8 * PAGE) is not huge
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_large_buffers_come_from_the_heap_once_malloc_is_tuned():
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _Mallinfo2
+    assert keep_freed_buffers()
+    mapped = mallinfo2().hblks
+    buffers = [bytearray(4 << 20) for _ in range(4)]  # fetched bodies, payloads
+    assert mallinfo2().hblks == mapped  # none got a mapping of its own
+    del buffers
