@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import random
+import signal
 
 import pytest
 import trio
@@ -359,3 +360,40 @@ def test_no_secret_in_repr(tmp_path):
     assert "hunter2" not in repr(config) and "abc" not in repr(config)
     assert config.display_url == "http://h/x?…"
     assert os.fspath(tmp_path) not in config.display_url
+
+
+def fetcher_pids(backend) -> list[int]:
+    return [fetcher._process.pid for fetcher in backend.remote._processes]
+
+
+async def test_a_fetcher_process_that_dies_fails_its_fetch_and_is_replaced(tmp_path, faulty_server, image, caplog):
+    server = faulty_server(image)
+    backend = await open_backend(tmp_path, server.url(), **{"pool-size": 1, "read-timeout": 5})
+    [old] = fetcher_pids(backend)
+    server.faults.delay, server.faults.slow_next = 2.0, 1
+    failures = []
+
+    async def failing_read():
+        with pytest.raises(OSError, match="the fetcher process stopped") as failure:
+            await read(backend, 9 * BLOCK, 100)
+        failures.append(failure.value.errno)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(failing_read)
+        await trio.sleep(0.3)  # the read is with the fetcher, which waits for the reply
+        os.kill(old, signal.SIGKILL)
+    assert failures == [errno.EIO]
+    assert "a fetcher process stopped" in caplog.text
+    with trio.fail_after(10):
+        while fetcher_pids(backend) == [old]:
+            await trio.sleep(0.01)
+    assert await read(backend, 9 * BLOCK, 100) == image[9 * BLOCK : 9 * BLOCK + 100]
+    await backend.close()
+
+
+async def test_fetcher_processes_end_with_the_backend(tmp_path, faulty_server, image):
+    backend = await open_backend(tmp_path, faulty_server(image).url(), **{"pool-size": 2})
+    processes = [fetcher._process for fetcher in backend.remote._processes]
+    assert len(processes) == 2 and all(process.returncode is None for process in processes)
+    await backend.close()
+    assert [process.returncode for process in processes] == [0, 0]

@@ -11,7 +11,8 @@ from nbdserve.backend import Capabilities, Done, Views
 from .cache import BlockCache
 from .config import BLOCK_SIZE, HttpConfig
 from .loader import BlockLoader
-from .remote import ImageChanged, RemoteImage
+from .fetchers import Fetchers
+from .remote import ImageChanged
 
 
 class HttpBackend:
@@ -20,7 +21,7 @@ class HttpBackend:
         can_multi_conn=True,  # one cache per export, shared by every connection
     )
 
-    def __init__(self, remote: RemoteImage, config: HttpConfig) -> None:
+    def __init__(self, remote: Fetchers, config: HttpConfig) -> None:
         self.remote = remote
         self.url = config.url  # where relative names (a qcow2 image's backing file) resolve from
         self.cache = BlockCache(config.cache_size, BLOCK_SIZE)
@@ -82,7 +83,7 @@ class HttpBackend:
 
     async def close(self) -> None:
         self.loader.closed = True
-        self.remote.close()
+        await self.remote.aclose()
 
 
 def _trimmed(views: list[memoryview], skip: int, length: int) -> list[memoryview]:

@@ -2,8 +2,6 @@
 
 import logging
 
-import trio
-
 from nbdserve.backend import OpenOptions
 from nbdserve.registry import ParseContext
 from nbdserve.settings import Section
@@ -11,7 +9,7 @@ from nbdserve.settings import Section
 from . import config as http_config
 from .backend import HttpBackend
 from .config import HttpConfig
-from .remote import RemoteImage
+from .fetchers import Fetchers
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +26,6 @@ class HttpDriver:
     async def open(self, config: HttpConfig, options: OpenOptions) -> HttpBackend:
         if not config.verify and config.ca_bundle is None:
             log.warning("http source %s: TLS certificates are NOT verified (verify: false)", config.display_url)
-        remote = RemoteImage(config)
-        try:
-            await trio.to_thread.run_sync(remote.probe)
-        except BaseException:
-            remote.close()
-            raise
-        return HttpBackend(remote, config)
+        fetchers = Fetchers(config)
+        await fetchers.start()
+        return HttpBackend(fetchers, config)

@@ -6,7 +6,7 @@ blocks are fetched in stretches: a read's missing blocks, or a readahead window,
 and waiting is only ever on fetches that bring needed blocks. A read waits through a callback,
 not a task: `start` calls it on the event loop once its blocks are in.
 
-At most `pool_size` fetches run at once, each in a worker thread. A fetch takes its batch once
+At most `pool_size` fetches run at once, in the fetcher process. A fetch takes its batch once
 the event loop is done with the burst of requests that asked for it, so the reads of that burst
 ride along: adjacent stretches merge into one range, others become extra ranges of the
 same request when the server allows it. Python spends far more CPU per request than per range,
@@ -15,7 +15,6 @@ several reads queue, and each fetch, as it ends, starts the next for whatever qu
 Readahead queues behind reads and uses slots reads leave free.
 """
 
-import errno
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -25,13 +24,13 @@ import trio
 
 from .cache import BlockCache
 from .readahead import SequentialDetector
-from .remote import RemoteImage
+from .fetchers import Fetchers
 
 log = logging.getLogger(__name__)
 
 MAX_FETCH = 4 * 1024 * 1024  # bytes per request: large enough to amortise its overhead
 # Reads that make another request worth its CPU while a fetch is in flight.
-READS_PER_EXTRA_FETCH = 4
+READS_PER_EXTRA_FETCH = 8
 
 
 # Called on the event loop once a read's blocks are in: views of their bytes, or the error that
@@ -86,7 +85,7 @@ class _Gather:
 
 
 class BlockLoader:
-    def __init__(self, remote: RemoteImage, cache: BlockCache, block_size: int, readahead: int,
+    def __init__(self, remote: Fetchers, cache: BlockCache, block_size: int, readahead: int,
                  pool_size: int) -> None:
         self.remote = remote
         self.cache = cache
@@ -204,20 +203,14 @@ class BlockLoader:
 
     def _begin_fetch(self) -> None:
         """On the event loop, once the burst that asked for a fetch is served: take its batch
-        and run it in a worker thread. Callbacks, not a task and trio.to_thread: a fetch per
-        few reads made their machinery a tenth of the CPU."""
+        and send it to the fetcher process."""
         self._fetch_starting = False
         runs = _contiguous(self._take_batch())
         self._start_fetches()  # for what did not fit in the batch
-        token = trio.lowlevel.current_trio_token()
-
-        def deliver(result: outcome.Outcome) -> None:  # in the worker thread
-            try:
-                token.run_sync_soon(self._fetched, runs, result)
-            except trio.RunFinishedError:
-                pass  # the server stopped: nobody waits any more
-
-        trio.lowlevel.start_thread_soon(partial(self._fetch_runs, runs), deliver, name="http fetch")
+        size, block = self.remote.size, self.block_size
+        ranges = [(run[0].first * block, min((run[-1].last + 1) * block, size) - run[0].first * block)
+                  for run in runs]
+        self.remote.fetch(ranges, partial(self._fetched, runs))
 
     def _fetched(self, runs: list[list[Pending]], result: outcome.Outcome) -> None:
         """On the event loop: hand a fetch's bytes (or its error) to the reads waiting for them,
@@ -259,10 +252,7 @@ class BlockLoader:
     def _settle_runs(self, runs: list[list[Pending]], result: outcome.Outcome) -> None:
         try:
             bodies = result.unwrap()
-        except Exception as exc:
-            if not isinstance(exc, OSError):  # a bug: the reads still get an answer
-                log.error("http source %s: fetch failed", self.remote.name, exc_info=exc)
-                exc = OSError(errno.EIO, "internal error in the http source")
+        except OSError as exc:
             for run in runs:
                 for pending in run:
                     self._settle(pending, None, exc)
@@ -281,13 +271,6 @@ class BlockLoader:
         waiters, pending.waiters = pending.waiters, []  # waiters refer back: break the cycle
         for waiter in waiters:
             waiter()
-
-    def _fetch_runs(self, runs: list[list[Pending]]) -> list[memoryview]:
-        """In a worker thread: one request for the runs; the bytes of each."""
-        size, block = self.remote.size, self.block_size
-        ranges = [(run[0].first * block, min((run[-1].last + 1) * block, size) - run[0].first * block)
-                  for run in runs]
-        return self.remote.fetch(ranges)  # views of the reply body: the cache counts it whole
 
 
 def _contiguous(batch: list[Pending]) -> list[list[Pending]]:

@@ -93,6 +93,13 @@ class RemoteImage:
 
     # Opening.
 
+    def probed(self) -> tuple:
+        """What probe() learnt, for adopt() in another process reading the same image."""
+        return self.size, self.max_ranges, self._etag, self._last_modified
+
+    def adopt(self, probed: tuple) -> None:
+        self.size, self.max_ranges, self._etag, self._last_modified = probed
+
     def probe(self) -> None:
         """Learn size and validators; refuse servers without byte ranges."""
         head = self._retrying("HEAD", self._head)
