@@ -3,6 +3,7 @@
 import logging
 
 from nbdserve.backend import OpenOptions
+from nbdserve.malloc import keep_freed_buffers
 from nbdserve.registry import ParseContext
 from nbdserve.settings import Section
 
@@ -26,6 +27,7 @@ class HttpDriver:
     async def open(self, config: HttpConfig, options: OpenOptions) -> HttpBackend:
         if not config.verify and config.ca_bundle is None:
             log.warning("http source %s: TLS certificates are NOT verified (verify: false)", config.display_url)
+        keep_freed_buffers()  # fetched bodies are MiBs each: reused, not mapped anew
         fetchers = Fetchers(config)
         await fetchers.start()
         return HttpBackend(fetchers, config)

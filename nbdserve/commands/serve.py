@@ -135,7 +135,6 @@ def attach_hints(config: ServerConfig, addresses: list[str]) -> list[str]:
 
 
 def command_serve(args) -> int:
-    from ..malloc import keep_freed_buffers
     from ..server.service import run_server
 
     def load() -> ServerConfig:
@@ -144,7 +143,6 @@ def command_serve(args) -> int:
         return config
 
     config = load()
-    keep_freed_buffers()
     serve = partial(run_server, config, reload_config=load if args.config else None, pid_file=args.pid_file)
 
     async def main():
