@@ -6,7 +6,7 @@ blocks are fetched in stretches: a read's missing blocks, or a readahead window,
 and waiting is only ever on fetches that bring needed blocks. A read waits through a callback,
 not a task: `start` calls it on the event loop once its blocks are in.
 
-At most `pool_size` fetches run at once, in the fetcher process. A fetch takes its batch once
+At most `pool_size` fetches run at once (see `fetchers` for where). A fetch takes its batch once
 the event loop is done with the burst of requests that asked for it, so the reads of that burst
 ride along: adjacent stretches merge into one range, others become extra ranges of the
 same request when the server allows it. Python spends far more CPU per request than per range,
@@ -23,8 +23,8 @@ import outcome
 import trio
 
 from .cache import BlockCache
-from .readahead import SequentialDetector
 from .fetchers import Fetchers
+from .readahead import SequentialDetector
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class BlockLoader:
 
     def _begin_fetch(self) -> None:
         """On the event loop, once the burst that asked for a fetch is served: take its batch
-        and send it to the fetcher process."""
+        and hand it to the fetchers."""
         self._fetch_starting = False
         runs = _contiguous(self._take_batch())
         self._start_fetches()  # for what did not fit in the batch
