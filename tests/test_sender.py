@@ -140,3 +140,17 @@ async def test_a_burst_of_replies_takes_two_writes(nursery, monkeypatch):
     expected = b"".join(b"%d:data;" % number for number in range(10))
     assert await receive_exact(client, len(expected)) == expected
     assert writes == [2, 18] and sent == [True] * 10
+
+
+@pytest.mark.parametrize("pair", [socket_pair, trio.testing.memory_stream_pair])
+async def test_empty_buffers_count_as_sent(pair, nursery):
+    server, client = pair()
+    sender = ReplySender(server, on_broken=lambda cause: None)
+    nursery.start_soon(sender.run)
+    sent = []
+    sender.send_nowait([b"header", b""], sent.append)
+    with trio.fail_after(5):
+        await sender.send(b"")
+        await sender.send((b"", b"tail"))
+    assert await receive_exact(client, 10) == b"headertail"
+    assert sent == [True]

@@ -163,15 +163,14 @@ class ReplySender:
     def _sent(self, count: int) -> None:
         """Drop `count` bytes from the front of the queue, reporting the replies now out."""
         queue = self._queue
-        while count:
-            view, on_sent = queue[0]
-            if count < len(view):
-                queue[0] = (view[count:], on_sent)
-                return
+        while queue and count >= len(queue[0][0]):  # empty buffers count as sent too
+            view, on_sent = queue.popleft()
             count -= len(view)
-            queue.popleft()
             if on_sent is not None:
                 on_sent(True)
+        if count:
+            view, on_sent = queue[0]
+            queue[0] = (view[count:], on_sent)
 
     def _break(self, cause: Exception) -> None:
         if not self._broken:
