@@ -32,9 +32,9 @@ class WouldBlock(Exception):
 
 # A started request's outcome, on the event loop: None when done, else an OSError or WouldBlock.
 Done = Callable[[Exception | None], None]
-# A started read's outcome when the backend lends its own memory: the bytes as consecutive views
-# (None on error), and None or the OSError.
-Views = Callable[[list[memoryview] | None, Exception | None], None]
+# A started read's outcome when the backend lends its own memory: None or the OSError, then the
+# bytes as consecutive views (None on error).
+Views = Callable[[Exception | None, list[memoryview] | None], None]
 
 
 def unsupported(what: str) -> BackendError:

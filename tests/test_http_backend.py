@@ -108,22 +108,28 @@ async def test_random_reads_waiting_together_go_out_in_one_request(tmp_path, fau
 
 
 async def start_reads(backend, offsets: list[int], length: int) -> list[bytes]:
-    """Start reads the way a connection does (no task each), all in one burst; their data."""
-    buffers = [bytearray(length) for _ in offsets]
+    """Start reads the way a connection does (no task each, views of the cache lent), all in one
+    burst; their data."""
+    data: dict[int, bytes] = {}
     outcomes = []
     all_done = trio.Event()
 
-    def done(error):
-        outcomes.append(error)
-        if len(outcomes) == len(offsets):
-            all_done.set()
+    def done_for(offset):
+        def done(error, views):
+            outcomes.append(error)
+            if error is None:
+                data[offset] = b"".join(views)
+            if len(outcomes) == len(offsets):
+                all_done.set()
 
-    for offset, buf in zip(offsets, buffers):
-        assert not backend.try_pread(memoryview(buf), offset)
-        assert backend.start_pread(memoryview(buf), offset, done)
+        return done
+
+    for offset in offsets:
+        assert not backend.try_pread(memoryview(bytearray(length)), offset)
+        assert backend.start_pread_views(offset, length, done_for(offset))
     await all_done.wait()
     assert outcomes == [None] * len(offsets)
-    return [bytes(buf) for buf in buffers]
+    return [data[offset] for offset in offsets]
 
 
 async def test_reads_started_in_one_burst_go_out_in_one_request(tmp_path, faulty_server, image):

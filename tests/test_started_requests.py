@@ -102,9 +102,9 @@ class LendingBackend(ScriptedBackend):
             super().finish(index, error)
         elif error is None:
             data = memoryview(bytes(self.data[offset : offset + length]))
-            done([data[:1000], data[1000:]], None)
+            done(None, [data[:1000], data[1000:]])
         else:
-            done(None, error)
+            done(error, None)
 
 
 @pytest.fixture(params=["memory", "socket"])

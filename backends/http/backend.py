@@ -2,11 +2,11 @@
 
 Reads whose blocks are all cached are served inline on the event loop (a thread hop costs more
 than copying a few blocks); the rest wait for the fetches that bring their blocks, without a task
-of their own (`start_pread`): the fetch's completion replies to them. Cached bytes never change,
-so a connection may send them as they lie (`start_pread_views`), with no copy into a reply.
+of their own (`start_pread_views`): the fetch's completion replies to them. Cached bytes never
+change, so the connection sends them as they lie, with no copy into a reply.
 """
 
-from nbdserve.backend import Capabilities, Done, Views
+from nbdserve.backend import Capabilities, Views
 
 from .cache import BlockCache
 from .config import BLOCK_SIZE, HttpConfig
@@ -46,14 +46,6 @@ class HttpBackend:
         _copy(views, offset - first * BLOCK_SIZE, buf)
         return True
 
-    def start_pread(self, buf: memoryview, offset: int, done: Done) -> bool:
-        def arrived(views: list[memoryview] | None, error: OSError | None) -> None:
-            if error is None:
-                _copy(views, 0, buf)
-            done(error)
-
-        return self.start_pread_views(offset, len(buf), arrived)
-
     def start_pread_views(self, offset: int, length: int, done: Views) -> bool:
         if self.remote.changed or not length:
             return False  # pread reports it
@@ -62,7 +54,7 @@ class HttpBackend:
         skip = offset - first * BLOCK_SIZE
 
         def arrived(views: list[memoryview] | None, error: OSError | None) -> None:
-            done(None if error else _trimmed(views, skip, length), error)
+            done(error, None if error else _trimmed(views, skip, length))
 
         self.loader.start(first, last, arrived)
         return True

@@ -1,6 +1,6 @@
 """The remote image: a pooled `requests` session that probes it and reads byte ranges.
 
-Everything here blocks and runs in worker threads. One HTTP request may carry several ranges
+Everything here blocks: it runs in worker threads and in fetcher processes (see `fetchers`). One HTTP request may carry several ranges
 (multipart/byteranges) when the server supports that, so a burst of small random reads costs one
 round trip instead of one each: Python spends far more CPU per request than per byte.
 
@@ -198,7 +198,7 @@ class RemoteImage:
         request.headers["Range"] = range_value
         return self._session.send(request, stream=True, timeout=self._timeouts).raw
 
-    def _check_status(self, response) -> None:
+    def _check_status(self, response: urllib3.HTTPResponse) -> None:
         status = response.status
         if status == 206:
             return

@@ -315,9 +315,7 @@ class Connection:
         if self.structured and export.known_zero(offset, length):
             return offset_hole_chunk(request.cookie, offset, length, done=True)
         if export.lends_reads:  # no reply buffer: the data goes out from where it lies
-            done = self._completion(request)
-            lent = self._start(request, export.start_read_views, (offset, length),
-                               lambda views, error: done(error, views))
+            lent = self._start(request, export.start_read_views, (offset, length), self._completion(request))
             return _STARTED if lent else None
         if not (export.reads_inline or export.starts_reads):
             return None  # spare the reply buffer a backend never fills
