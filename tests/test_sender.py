@@ -19,6 +19,13 @@ def socket_pair():
     return trio.SocketStream(left), trio.SocketStream(right)
 
 
+def running_sender(stream, nursery) -> ReplySender:
+    """A sender on `stream` with its writer running, for tests that do not watch it break."""
+    sender = ReplySender(stream, on_broken=lambda cause: None)
+    nursery.start_soon(sender.run)
+    return sender
+
+
 async def receive_exact(stream, count: int) -> bytes:
     data = bytearray()
     while len(data) < count:
@@ -48,8 +55,7 @@ async def test_replies_arrive_whole_in_order_and_report_when_sent(pair, nursery)
 
 async def test_send_returns_once_the_client_has_taken_the_bytes(nursery):
     server, client = socket_pair()
-    sender = ReplySender(server, on_broken=lambda cause: None)
-    nursery.start_soon(sender.run)
+    sender = running_sender(server, nursery)
     returned = trio.Event()
 
     async def send_large():
@@ -100,8 +106,7 @@ async def test_close_sends_what_is_queued_then_ends_the_writer():
 @pytest.mark.parametrize("pair", [socket_pair, trio.testing.memory_stream_pair])
 async def test_a_reply_of_several_buffers_arrives_whole(pair, nursery):
     server, client = pair()
-    sender = ReplySender(server, on_broken=lambda cause: None)
-    nursery.start_soon(sender.run)
+    sender = running_sender(server, nursery)
     sent = []
     header, data = b"header:", memoryview(LARGE)
     sender.send_nowait([header, data[:MiB], data[MiB:]], sent.append)
@@ -131,8 +136,7 @@ async def test_a_burst_of_replies_takes_two_writes(nursery, monkeypatch):
 
     monkeypatch.setattr(sender_module, "os", CountingOs())
     server, client = socket_pair()
-    sender = ReplySender(server, on_broken=lambda cause: None)
-    nursery.start_soon(sender.run)
+    sender = running_sender(server, nursery)
     sent = []
     for number in range(10):
         sender.send_nowait([b"%d:" % number, b"data;"], sent.append)
@@ -145,8 +149,7 @@ async def test_a_burst_of_replies_takes_two_writes(nursery, monkeypatch):
 @pytest.mark.parametrize("pair", [socket_pair, trio.testing.memory_stream_pair])
 async def test_empty_buffers_count_as_sent(pair, nursery):
     server, client = pair()
-    sender = ReplySender(server, on_broken=lambda cause: None)
-    nursery.start_soon(sender.run)
+    sender = running_sender(server, nursery)
     sent = []
     sender.send_nowait([b"header", b""], sent.append)
     with trio.fail_after(5):
