@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import byte_diff
+
 NBDSERVE = [sys.executable, "-m", "nbdserve"]
 START_TIMEOUT = 20.0
 
@@ -165,3 +167,7 @@ def ceph(tmp_path_factory):
     from ceph_cluster import running_cluster
 
     yield from running_cluster(tmp_path_factory)
+
+
+def pytest_assertrepr_compare(op, left, right):
+    return byte_diff.explain(left, right) if op == "==" else None
