@@ -44,7 +44,8 @@ class GuestRun:
         return self.console_path.read_text(errors="replace") if self.console_path.exists() else ""
 
     def reports(self, kind: str) -> list[str]:
-        return re.findall(rf"^nbdtest: {kind} (.*?)\r?$", self.console(), re.MULTILINE)
+        """Whole lines only: the guest may be writing the last one as it is read."""
+        return re.findall(rf"^nbdtest: {kind} (.*?)\r?\n", self.console(), re.MULTILINE)
 
     def sums(self) -> dict[str, str]:
         """path -> sha256 of the files the guest checksummed."""
