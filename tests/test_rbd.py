@@ -63,10 +63,14 @@ def test_data_integrity_against_librbd(ceph, make_image, serve_rbd):
     in_flight: list[tuple[int, int, int]] = []  # (cookie, offset, end)
 
     def settle(until) -> None:
-        while until():
-            handle.poll(-1)
+        """Retire completed writes, polling while `until()` still holds. A write may complete
+        while libnbd sends a later one, so retire before each poll: never wait on nothing."""
+        while True:
             for item in [item for item in in_flight if handle.aio_command_completed(item[0])]:
                 in_flight.remove(item)
+            if not until():
+                return
+            handle.poll(-1)
 
     for offset, length in writes:
         # Overlapping writes in flight together may land in either order (NBD promises none).
