@@ -204,7 +204,6 @@ async def test_disconnect_waits_for_started_requests(connected):
     assert await client.at_eof()
 
 
-
 async def test_lent_data_goes_out_as_replies_in_completion_order(lending):
     backend, client = lending
     await client.stream.send_all(request(Command.READ, 0, 4096, cookie=1) + request(Command.READ, 8192, 2048, cookie=2)

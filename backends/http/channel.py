@@ -55,7 +55,7 @@ def fetch_frame(request: int, ranges: list[tuple[int, int]]) -> bytes:
 
 
 def parse_fetch(payload: bytes) -> list[tuple[int, int]]:
-    return [pair for pair in _RANGE.iter_unpack(payload)]
+    return list(_RANGE.iter_unpack(payload))
 
 
 def failed_frame(request: int, message: str, *, changed: bool) -> bytes:

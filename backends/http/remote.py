@@ -1,8 +1,9 @@
 """The remote image: a pooled `requests` session that probes it and reads byte ranges.
 
-Everything here blocks: it runs in worker threads and in fetcher processes (see `fetchers`). One HTTP request may carry several ranges
-(multipart/byteranges) when the server supports that, so a burst of small random reads costs one
-round trip instead of one each: Python spends far more CPU per request than per byte.
+Everything here blocks: it runs in worker threads and in fetcher processes (see `fetchers`).
+One HTTP request may carry several ranges (multipart/byteranges) when the server supports that,
+so a burst of small random reads costs one round trip instead of one each: Python spends far
+more CPU per request than per byte.
 
 Range reads skip the session's per-request work (hooks, cookie extraction, redirect handling, a
 Response object): they go straight to the connection pool of the session's adapter, with the

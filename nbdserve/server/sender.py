@@ -184,4 +184,3 @@ class ReplySender:
             _, on_sent = self._queue.popleft()
             if on_sent is not None:
                 on_sent(False)
-
